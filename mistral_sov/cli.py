@@ -1,0 +1,249 @@
+"""The msov command line: parse, call the library, render. Heavy imports happen inside commands only."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from .errors import MsovError
+
+app = typer.Typer(
+    name="msov",
+    help="Sovereign fine-tuning: LoRA/QLoRA on local open-weight LLMs, offline, with verifiable outputs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Check training data before a run: validate, count tokens.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+RecipeArg = typer.Argument(..., exists=False, help="recipe YAML file")
+SetOpt = typer.Option(None, "--set", help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)")
+JsonOpt = typer.Option(False, "--json", help="print one machine-readable JSON result on stdout")
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _fail(exc: BaseException, code: int, as_json: bool, hint: str | None = None) -> None:
+    from rich.markup import escape
+
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    if as_json:
+        print(json.dumps({"status": "error", "exit_code": code, "error": message, "hint": hint}))
+    console = _console()
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        console.print(f"[dim]hint:[/] {escape(hint)}")
+    if _state["debug"]:
+        console.print_exception()
+    elif code == 1:
+        console.print("[dim]run with --debug for the traceback[/]")
+    raise typer.Exit(code)
+
+
+def command(group: typer.Typer = app, name: str | None = None) -> Callable:
+    """Register a command whose MsovErrors become one readable message and their exit code."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            as_json = bool(kwargs.get("as_json"))
+            try:
+                return func(*args, **kwargs)
+            except (typer.Exit, typer.Abort):
+                raise
+            except MsovError as exc:
+                _fail(exc, exc.exit_code, as_json, exc.hint)
+            except KeyboardInterrupt:
+                _fail(RuntimeError("interrupted"), 130, as_json, "an unfinished run can be continued with --resume")
+            except Exception as exc:  # noqa: BLE001 - the last line of defence renders, never hides
+                _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1, as_json)
+
+        return group.command(name)(wrapper)
+
+    return decorate
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+    _state["debug"] = debug
+
+
+@command()
+def version(as_json: bool = JsonOpt) -> None:
+    """Print msov's version and the versions of the libraries it runs on."""
+    from .finetune import environment_versions
+
+    versions = environment_versions()
+    if as_json:
+        print(json.dumps(versions))
+    else:
+        for key, value in versions.items():
+            print(f"{key:13} {value}")
+
+
+@command()
+def finetune(
+    recipe: Path = RecipeArg,
+    overrides: Optional[List[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate recipe, model and data; train nothing"),
+    resume: bool = typer.Option(False, "--resume", help="continue the unfinished run from its latest checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run at output.dir"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Fine-tune a local model with LoRA as the recipe says; write adapter/, metrics.jsonl and run.json."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    if dry_run:
+        from .finetune import dry_run as run_dry
+
+        report = run_dry(loaded, on_event=_quiet_events() if as_json else _stage_printer())
+        if as_json:
+            print(json.dumps(report))
+        else:
+            from .render import print_dry_run
+
+            print_dry_run(_console(stderr=False), loaded, report)
+        return
+    summary = _run_with_progress(loaded, resume=resume, overwrite=overwrite, quiet=as_json)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        from .render import print_run_summary
+
+        print_run_summary(_console(stderr=False), summary)
+
+
+@command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="where the tiny model and the run go"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build the embedded tiny model, fine-tune it on the sample data, show before/after."""
+    from .recipe import load_recipe
+    from .tiny import DEFAULT_DATA_DIR, build_tiny_model
+
+    started = time.monotonic()
+    recipe_file = DEFAULT_DATA_DIR.parent / "recipes" / "tiny-demo.yaml"
+    model_dir = out / "tiny-model"
+    if not (model_dir / "config.json").is_file():
+        if not as_json:
+            _console().print(f"[dim]building tiny model in {model_dir}[/]")
+        build_tiny_model(model_dir)
+    loaded = load_recipe(recipe_file, [f"model.path={model_dir.resolve()}", f"output.dir={(out / 'run').resolve()}"])
+    summary = _run_with_progress(loaded, resume=False, overwrite=True, quiet=as_json)
+    summary["demo_wall_time_s"] = round(time.monotonic() - started, 2)
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        from .render import print_run_summary
+
+        print_run_summary(_console(stderr=False), summary, demo=True)
+
+
+@command(name="tiny-model")
+def tiny_model(
+    out: Path = typer.Argument(..., help="folder to create"),
+    seed: int = typer.Option(0, help="initialisation seed (same seed, same files)"),
+    data_dir: Optional[Path] = typer.Option(None, help="text to train the tokenizer on (default: data_samples/)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build a tiny random-init Mistral model and tokenizer locally (for tests, demos, benches)."""
+    from .manifest import digest_folder
+    from .tiny import build_tiny_model
+
+    try:
+        build_tiny_model(out, seed=seed, data_dir=data_dir)
+    except FileExistsError as exc:
+        raise MsovError(str(exc), hint="choose a new folder") from None
+    digests = digest_folder(out)
+    if as_json:
+        print(json.dumps({"status": "ok", "path": str(out), "files": digests}))
+    else:
+        for name, digest in digests.items():
+            print(f"{digest[:16]}  {name}")
+
+
+@command(group=data_app, name="validate")
+def data_validate(
+    files: List[Path] = typer.Argument(..., help="data files (.jsonl, .json, .csv, .parquet)"),
+    fmt: str = typer.Option("auto", "--format", help="auto | chat | instruction | completion"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check data files row by row; report every problem as file:line: field: problem."""
+    from .data import load_data_file
+
+    results = []
+    for path in files:
+        loaded = load_data_file(path, fmt)
+        results.append({"path": str(path), "format": loaded.format, "rows": loaded.rows, "sha256": loaded.sha256})
+    if as_json:
+        print(json.dumps({"status": "ok", "files": results}))
+    else:
+        for r in results:
+            print(f"ok  {r['path']}: {r['rows']} rows, format {r['format']}")
+
+
+@command(group=data_app, name="stats")
+def data_stats(
+    recipe: Path = RecipeArg,
+    overrides: Optional[List[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Token statistics of a recipe's data with its model's tokenizer and chat template."""
+    from .finetune import prepare_inputs
+    from .recipe import load_recipe
+
+    prepared = prepare_inputs(load_recipe(recipe, overrides))
+    stats = {"train": prepared.train.stats.as_dict(),
+             "eval": prepared.eval.stats.as_dict() if prepared.eval else None}
+    if as_json:
+        print(json.dumps(stats))
+    else:
+        from .render import print_token_stats
+
+        print_token_stats(_console(stderr=False), stats)
+
+
+def _quiet_events():
+    return lambda kind, payload: None
+
+
+def _stage_printer():
+    console = _console()
+
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "stage":
+            console.print(f"[dim]· {payload['text']}[/]")
+        elif kind == "warning":
+            console.print(f"[yellow]warning:[/] {payload['text']}")
+
+    return on_event
+
+
+def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
+    from .finetune import finetune as run_finetune
+
+    if quiet:
+        return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=_quiet_events())
+    from .render import TrainingProgress
+
+    with TrainingProgress(_console(), _stage_printer()) as progress:
+        return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=progress.on_event)
+
+
+if __name__ == "__main__":  # `python -m mistral_sov.cli` (e.g. under accelerate launch / torchrun)
+    sys.exit(app())

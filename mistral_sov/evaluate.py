@@ -1,0 +1,56 @@
+"""Held-out loss and a quick look at generations."""
+
+from __future__ import annotations
+
+import math
+
+
+def evaluation_loss(model, dataset, collator, *, batch_size: int = 8) -> dict:
+    """Mean cross-entropy over supervised tokens (token-weighted, so batch composition does not change it)."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            total += F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                ignore_index=-100, reduction="sum",
+            ).item()
+            count += int((shift_labels != -100).sum())
+    if was_training:
+        model.train()
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 48) -> str:
+    """Greedy continuation of a conversation: deterministic, so before/after comparisons mean something."""
+    import torch
+
+    from .data import render_prompt
+
+    prompt = render_prompt(messages, tokenizer)
+    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(
+            **{k: v.to(device) for k, v in encoded.items()},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if was_training:
+        model.train()
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,276 @@
+"""`msov finetune`: the whole run as a list of stages, from a validated recipe to a finished run folder.
+
+The run is built in `<output.dir>.partial/` (checkpoints, metrics.jsonl, resolved recipe) and renamed to
+`<output.dir>/` only after the adapter and run.json are written, so a crash never leaves a folder that looks done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError
+from .offline import enforce_offline_env
+from .recipe import Recipe, load_recipe
+from .training import EventSink
+
+RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps")}
+
+
+def _ignore(_kind: str, _payload: dict) -> None:
+    pass
+
+
+@dataclass
+class PreparedData:
+    """Everything a run needs from its inputs, checked and tokenised, before any weights are loaded."""
+
+    folder: object  # modeling.ModelFolder
+    tokenizer: object
+    train_files: list = field(default_factory=list)  # data.LoadedData
+    eval_files: list = field(default_factory=list)
+    train: object = None  # data.TokenizedData
+    eval: object = None
+
+
+def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore) -> PreparedData:
+    """Check the model folder, load and validate every data file, tokenise. Raises on the first bad input."""
+    enforce_offline_env()
+    from .data import load_data_file, tokenize_records
+    from .modeling import inspect_model_folder, load_tokenizer
+
+    on_event("stage", {"text": "checking model folder"})
+    folder = inspect_model_folder(recipe.model.path, allow_pickle=recipe.model.allow_pickle)
+    if recipe.model.trust_remote_code:
+        on_event("warning", {"text": "model.trust_remote_code is on: Python code shipped in the model folder "
+                                     "will run on this machine."})
+    tokenizer = load_tokenizer(folder, chat_template=recipe.data.chat_template,
+                               trust_remote_code=recipe.model.trust_remote_code)
+
+    on_event("stage", {"text": "loading and validating data"})
+    prepared = PreparedData(folder=folder, tokenizer=tokenizer)
+    prepared.train_files = [load_data_file(f.path, f.format) for f in recipe.data.train]
+    prepared.eval_files = [load_data_file(f.path, f.format) for f in recipe.data.eval]
+
+    def tokenise(files):
+        records = [record for loaded in files for record in loaded.records]
+        return tokenize_records(records, tokenizer, max_seq_len=recipe.train.max_seq_len,
+                                overlong=recipe.data.overlong, train_on=recipe.data.train_on)
+
+    on_event("stage", {"text": "tokenising"})
+    prepared.train = tokenise(prepared.train_files)
+    prepared.eval = tokenise(prepared.eval_files) if prepared.eval_files else None
+    return prepared
+
+
+def dry_run(recipe: Recipe, on_event: EventSink = _ignore) -> dict:
+    """Validate recipe, model folder and data; count parameters on the meta device; train nothing."""
+    from .modeling import lora_counts_without_weights
+
+    prepared = prepare_inputs(recipe, on_event)
+    trainable, total = lora_counts_without_weights(prepared.folder, recipe.lora)
+    return {
+        "status": "dry-run",
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_digest": recipe.digest(),
+        "model": {"path": str(prepared.folder.path), "architecture": prepared.folder.architecture},
+        "parameters": {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total},
+        "data": _data_summary(prepared),
+        "tokens": {"train": prepared.train.stats.as_dict(),
+                   "eval": prepared.eval.stats.as_dict() if prepared.eval else None},
+    }
+
+
+def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+             on_event: EventSink = _ignore) -> dict:
+    started_at, clock = _now(), time.monotonic()
+
+    # 1. decide where the run goes, before any expensive work
+    out_dir = Path(recipe.output.dir)
+    work_dir = out_dir.with_name(out_dir.name + ".partial")
+    checkpoint = _claim_work_dir(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite)
+
+    # 2. model folder, data and tokens (all input errors surface here)
+    prepared = prepare_inputs(recipe, on_event)
+
+    # 3. base weights with LoRA attached; the seed fixes the adapter's initialisation
+    enforce_offline_env()
+    from transformers import set_seed
+
+    from .evaluate import evaluation_loss, generate_reply
+    from .manifest import digest_folder
+    from .modeling import attach_lora, load_model, parameter_counts
+    from .training import build_trainer, checkpoint_step, make_collator, trim_metrics
+
+    on_event("stage", {"text": "hashing base model"})
+    base_digests = digest_folder(prepared.folder.path)
+    on_event("stage", {"text": "loading base model"})
+    set_seed(recipe.train.seed)
+    base = load_model(prepared.folder, recipe.model, quantization=recipe.quantization,
+                      gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = attach_lora(base, recipe.lora)
+    trainable, total = parameter_counts(model)
+
+    # 4. where we start from: eval loss and a sample answer before training
+    collator = make_collator(prepared.tokenizer)
+    sample = _sample_conversation(prepared.eval_files or prepared.train_files)
+    before = after = None
+    if prepared.eval is not None:
+        on_event("stage", {"text": "evaluating before training"})
+        before = evaluation_loss(model, prepared.eval.dataset, collator, batch_size=recipe.train.batch_size)
+    sample_before = generate_reply(model, prepared.tokenizer, sample["prompt"]) if sample else None
+
+    # 5. train (from the latest checkpoint when resuming)
+    (work_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    if checkpoint is not None:
+        trim_metrics(work_dir / "metrics.jsonl", checkpoint_step(checkpoint))
+        on_event("stage", {"text": f"resuming from {checkpoint.name}"})
+    trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,
+                            prepared.eval.dataset if prepared.eval else None, recipe.train, work_dir, on_event)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    on_event("train_end", {})
+
+    # 6. where we ended: eval loss and the same sample after training
+    if prepared.eval is not None:
+        on_event("stage", {"text": "evaluating after training"})
+        after = evaluation_loss(model, prepared.eval.dataset, collator, batch_size=recipe.train.batch_size)
+    sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"]) if sample else None
+
+    # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename
+    on_event("stage", {"text": "saving adapter"})
+    model.save_pretrained(work_dir / "adapter")
+    losses = [r["loss"] for r in _read_metrics(work_dir / "metrics.jsonl") if "loss" in r]
+    summary = {
+        "status": "complete",
+        "name": recipe.name,
+        "run_dir": str(out_dir),
+        "adapter_dir": str(out_dir / "adapter"),
+        "recipe_digest": recipe.digest(),
+        "seed": recipe.train.seed,
+        "base_model": {"path": str(prepared.folder.path), "architecture": prepared.folder.architecture,
+                       "files": base_digests},
+        "data": _data_summary(prepared),
+        "tokens": {"train": prepared.train.stats.as_dict(),
+                   "eval": prepared.eval.stats.as_dict() if prepared.eval else None},
+        "parameters": {"trainable": trainable, "total": total},
+        "train": {
+            "steps": trainer.state.global_step,
+            "resumed_from_step": checkpoint_step(checkpoint) if checkpoint else None,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "train_loss": output.training_loss,
+            "tokens_seen": trainer.state.num_input_tokens_seen,
+            "runtime_s": output.metrics.get("train_runtime"),
+        },
+        "eval": {"before": before, "after": after},
+        "sample": {**sample, "before": sample_before, "after": sample_after} if sample else None,
+        "versions": environment_versions(),
+        "started_at": started_at,
+        "finished_at": _now(),
+        "wall_time_s": round(time.monotonic() - clock, 2),
+    }
+    (work_dir / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    _publish(work_dir, out_dir)
+    return summary
+
+
+def _claim_work_dir(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool):
+    """Return the checkpoint to resume from (or None), after refusing anything that would lose work."""
+    from .training import latest_checkpoint
+
+    if out_dir.exists() and not overwrite and not resume:
+        raise InputError(f"output.dir: '{out_dir}' already holds a finished run.",
+                         hint="Pass --overwrite to replace it, or --set output.dir=ANOTHER_DIR.")
+    if resume:
+        checkpoint = latest_checkpoint(work_dir / "checkpoints")
+        if checkpoint is None:
+            raise InputError(f"--resume: no checkpoint found in '{work_dir / 'checkpoints'}'.",
+                             hint="Checkpoints are written every train.save_steps steps of an unfinished run.")
+        _check_same_recipe(recipe, work_dir / "recipe.yaml")
+        return checkpoint
+    if work_dir.exists():
+        if not overwrite:
+            step = latest_checkpoint(work_dir / "checkpoints")
+            raise InputError(f"'{work_dir}' holds an unfinished run"
+                             + (f" (last checkpoint: {step.name})." if step else "."),
+                             hint="Pass --resume to continue it, or --overwrite to discard it.")
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    return None
+
+
+def _check_same_recipe(recipe: Recipe, saved: Path) -> None:
+    """Resuming with a different recipe would silently mix two runs; only the run length may change."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text())
+    new = recipe.model_dump(mode="json")
+    changed = [f"{section}.{key}" for section in new if isinstance(new[section], dict)
+               for key in new[section] if (section, key) not in RESUMABLE_FIELDS
+               and old.get(section, {}).get(key) != new[section][key]]
+    if changed:
+        raise InputError(f"--resume: the recipe differs from the unfinished run's ({', '.join(changed)}).",
+                         hint="Resume with the same recipe (only train.epochs / train.max_steps may change).")
+
+
+def _publish(work_dir: Path, out_dir: Path) -> None:
+    """Swap the finished run into place; an older run at the target is removed only after the swap."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(work_dir, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _data_summary(prepared: PreparedData) -> dict:
+    def files(loaded):
+        return [{"path": str(f.path), "format": f.format, "rows": f.rows, "sha256": f.sha256} for f in loaded]
+
+    return {"train": files(prepared.train_files), "eval": files(prepared.eval_files)}
+
+
+def _sample_conversation(files) -> dict | None:
+    """The first conversation of the held-out data, cut before its last answer: the demo's before/after probe."""
+    for loaded in files:
+        for record in loaded.records:
+            messages = record.get("messages")
+            if messages and messages[-1]["role"] == "assistant":
+                return {"prompt": messages[:-1], "reference": messages[-1]["content"]}
+    return None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def environment_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"msov": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+__all__ = ["dry_run", "finetune", "load_recipe", "prepare_inputs", "environment_versions"]

@@ -1,0 +1,158 @@
+"""Tokenizer and base weights from a local folder (safetensors only), and LoRA attached with PEFT."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError, EnvironmentRefused, ModelFolderError
+from .offline import require_local_model
+from .recipe import LoraSection, ModelSection, QuantizationSection
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
+
+
+@dataclass
+class ModelFolder:
+    path: Path
+    config: dict
+    weight_files: list[Path]
+    pickle_files: list[Path]
+
+    @property
+    def architecture(self) -> str:
+        return ",".join(self.config.get("architectures") or [self.config.get("model_type", "?")])
+
+
+def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: bool = True) -> ModelFolder:
+    """Check a model folder before loading anything: local, has a config, a tokenizer and safe weights."""
+    path = require_local_model(ref)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelFolderError(f"{path}: no config.json; expected a Hugging Face model folder.")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{config_file}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelFolderError(
+            f"{path}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)}).",
+            hint="Copy the tokenizer files from the model's release into the same folder as the weights.",
+        )
+    safe = sorted(path.glob("*.safetensors"))
+    pickled = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if need_weights and not safe:
+        if pickled and not allow_pickle:
+            raise ModelFolderError(
+                f"{path}: weights are pickle files ({', '.join(p.name for p in pickled[:3])}); msov loads "
+                "safetensors only, because unpickling can run arbitrary code.",
+                hint="Convert the weights to safetensors on a trusted machine, or set model.allow_pickle: true "
+                "if you trust their origin.",
+            )
+        if not pickled:
+            raise ModelFolderError(f"{path}: no weight files (*.safetensors) found.")
+    return ModelFolder(path=path, config=config, weight_files=safe or pickled, pickle_files=pickled)
+
+
+def load_tokenizer(folder: ModelFolder, *, chat_template: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder.path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    if chat_template:
+        template_file = Path(chat_template)
+        if not template_file.is_file():
+            raise DataError(f"data.chat_template: file '{chat_template}' not found.")
+        tokenizer.chat_template = template_file.read_text(encoding="utf-8")
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def quantization_config(section: QuantizationSection):
+    import torch
+
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401 - fail here, by name, rather than deep inside from_pretrained
+    except ImportError:
+        raise EnvironmentRefused("quantization: bitsandbytes is not installed.",
+                                 hint="pip install 'mistral_sov[qlora]', or remove the quantization section.") from None
+    compute = getattr(torch, section.compute_dtype)
+    if section.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=section.quant_type,
+                              bnb_4bit_use_double_quant=section.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def load_model(folder: ModelFolder, section: ModelSection, *, quantization: QuantizationSection | None = None,
+               gradient_checkpointing: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = quantization.compute_dtype if quantization else section.dtype
+    model = AutoModelForCausalLM.from_pretrained(
+        folder.path,
+        dtype=getattr(torch, dtype),
+        quantization_config=quantization_config(quantization) if quantization else None,
+        use_safetensors=None if section.allow_pickle else True,
+        trust_remote_code=section.trust_remote_code,
+        local_files_only=True,
+        attn_implementation=section.attn_implementation,
+    )
+    # Training never reuses a KV cache, and a cache breaks packed-row attention masks (see DESIGN.md).
+    model.config.use_cache = False
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def lora_config(section: LoraSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.target_modules,
+        use_rslora=section.use_rslora,
+        use_dora=section.use_dora,
+        bias=section.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, section: LoraSection):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(section))
+    except ValueError as exc:
+        # PEFT says which target modules it could not find; keep its words, name our field.
+        raise ModelFolderError(f"lora.target_modules: {exc}") from None
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def lora_counts_without_weights(folder: ModelFolder, section: LoraSection) -> tuple[int, int]:
+    """Trainable/total parameter counts from config.json alone, on the meta device: nothing is allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder.path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        peft_model = attach_lora(model, section)
+    return parameter_counts(peft_model)

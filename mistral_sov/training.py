@@ -1,0 +1,141 @@
+"""transformers.Trainer wiring: arguments from the recipe, metrics.jsonl, progress events, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+from .recipe import TrainSection
+
+EventSink = Callable[[str, dict], None]
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def make_collator(tokenizer):
+    from transformers import DataCollatorForSeq2Seq
+
+    # Pads to the longest row of each batch; padded labels are -100 so they carry no loss.
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+
+def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    on_cuda = torch.cuda.is_available()
+    if train.dtype == "fp16" and not on_cuda:
+        raise InputError(
+            "train.dtype: fp16 mixed precision needs a CUDA GPU; this machine has none.",
+            hint="Use train.dtype: fp32 (or bf16 on a CPU that supports it).",
+        )
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_steps if train.warmup_steps else train.warmup_ratio,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=train.dtype == "bf16",
+        fp16=train.dtype == "fp16",
+        use_cpu=not on_cuda,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        save_only_model=False,
+        eval_strategy="steps" if (has_eval and train.eval_steps) else "no",
+        eval_steps=train.eval_steps,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_cuda,
+        include_num_input_tokens_seen="all",
+    )
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    # A checkpoint is complete only once the Trainer wrote its state file, which it does last.
+    found = [(step, p) for step, p in found if (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(CHECKPOINT_RE.match(checkpoint.name).group(1))
+
+
+def trim_metrics(metrics_file: Path, after_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint: those steps run again and will be logged again."""
+    if not metrics_file.is_file():
+        return
+    kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(metrics_file)
+
+
+def _callbacks(metrics_file: Path, on_event: EventSink):
+    from transformers import TrainerCallback
+
+    class MetricsAndProgress(TrainerCallback):
+        """One metrics.jsonl line per logging step; progress events for whoever renders them."""
+
+        def __init__(self):
+            self.started = time.monotonic()
+            self.tokens_at_start = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.monotonic()
+            self.tokens_at_start = state.num_input_tokens_seen
+            on_event("train_begin", {"max_steps": state.max_steps, "start_step": state.global_step})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            tokens = state.num_input_tokens_seen - self.tokens_at_start
+            on_event("step", {"step": state.global_step, "max_steps": state.max_steps,
+                              "tokens_per_s": tokens / elapsed})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+            record["tokens_seen"] = state.num_input_tokens_seen
+            with open(metrics_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+            on_event("log", record)
+
+    return [MetricsAndProgress()]
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSection, work_dir: Path,
+                  on_event: EventSink):
+    from transformers import Trainer
+
+    args = training_arguments(train, work_dir / "checkpoints", has_eval=eval_dataset is not None)
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=make_collator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=_callbacks(work_dir / "metrics.jsonl", on_event),
+    )
