@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,8 +78,19 @@ def command(group: typer.Typer = app, name: str | None = None) -> Callable:
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks and library warnings")) -> None:
+    import warnings
+
+    from .offline import enforce_offline_env
+
     _state["debug"] = debug
+    if debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+    else:
+        # Deprecation notices from the libraries are for msov's developers, not its users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    enforce_offline_env()
 
 
 @command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ OFFLINE_ENV = {
     "WANDB_DISABLED": "true",
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -24,6 +26,9 @@ def enforce_offline_env() -> None:
     """Must run before transformers / datasets / huggingface_hub are imported: they read these at import time."""
     for key, value in OFFLINE_ENV.items():
         os.environ[key] = value
+    # Library code never prints: HF progress bars and advisory logging stay off unless the user asks for them.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def require_local_model(ref: str | os.PathLike, *, field: str = "model.path") -> Path:

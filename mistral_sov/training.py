@@ -127,10 +127,10 @@ def _callbacks(metrics_file: Path, on_event: EventSink):
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSection, work_dir: Path,
                   on_event: EventSink):
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     args = training_arguments(train, work_dir / "checkpoints", has_eval=eval_dataset is not None)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -139,3 +139,5 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSec
         processing_class=tokenizer,
         callbacks=_callbacks(work_dir / "metrics.jsonl", on_event),
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the CLI renders progress instead
+    return trainer

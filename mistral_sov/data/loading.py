@@ -1,0 +1,117 @@
+"""Load one data file: read it, check every row, normalise. All or nothing: a file with any bad row loads nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from .formats import EXPECTED, FORMATS, check_row, detect_format, fields_of
+from .readers import READERS, Problem
+
+SHOWN_PROBLEMS = 20
+
+
+@dataclass
+class LoadedData:
+    path: Path
+    format: str  # resolved: never "auto"
+    records: list[dict]  # normalised: {"messages": [...]} or {"prompt", "completion"}
+    rows: int
+    sha256: str  # of the file's bytes, for provenance
+    # Where each record came from ("17", or "row 3" for Parquet), for reports that point back into the file.
+    places: list[str] = field(default_factory=list, repr=False)
+
+
+def load_data_file(path: str | Path, fmt: str = "auto") -> LoadedData:
+    path = Path(path)
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"{path}: unknown data format '{fmt}'; expected auto, {', '.join(FORMATS)}")
+    if not path.is_file():
+        what = "is a folder, not a data file" if path.is_dir() else "no such data file"
+        raise DataError(f"{path}: {what}", hint="Paths in a recipe are relative to the recipe file's folder.")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported data file type '{path.suffix or '(no suffix)'}'; "
+                        f"supported: {', '.join(READERS)}",
+                        hint="Convert the file to JSONL (one JSON object per line), JSON, CSV or Parquet.")
+
+    rows, problems = reader(path)
+    if not rows and not problems:
+        raise DataError(f"{path}: the file holds no rows", hint="Point the recipe at a file with training examples.")
+
+    resolved, source = _resolve_format(fmt, rows)
+    records, places = [], []
+    bad_rows = len(problems)  # a reader reports one problem per row it could not read
+    for place, row in rows:
+        # A row of no recognisable format is checked against the file's format: that names the missing field.
+        if resolved is None or (fmt == "auto" and detect_format(row) not in (None, resolved)):
+            problems.append((place, None, _mismatch(row, resolved, source)))
+            bad_rows += 1
+            continue
+        record, found = check_row(resolved, row)
+        problems.extend((place, name, what) for name, what in found)
+        bad_rows += bool(found)
+        if record is not None:
+            records.append(record)
+            places.append(place)
+    if problems:
+        raise _problems_error(path, problems, bad_rows, resolved, source)
+    return LoadedData(path=path, format=resolved, records=records, rows=len(records), sha256=sha256_file(path),
+                      places=places)
+
+
+def _resolve_format(fmt: str, rows: list) -> tuple[str | None, str | None]:
+    """The format to hold every row to, and where it was decided (for messages about rows that differ)."""
+    if fmt != "auto":
+        return fmt, None
+    for place, row in rows:
+        detected = detect_format(row)
+        if detected:
+            return detected, place
+    return None, None
+
+
+def _mismatch(row: dict, resolved: str | None, source: str | None) -> str:
+    found = f"row has: {fields_of(row)}"
+    if resolved is None or detect_format(row) is None:
+        return f"no known format ({found}); expected {'; or '.join(EXPECTED.values())}"
+    return (f"looks like {detect_format(row)} format ({found}), but this file is {resolved} format "
+            f"(detected from {_place_words(source)}): expected {EXPECTED[resolved]}")
+
+
+def _problems_error(path: Path, problems: list[Problem], affected: int, fmt: str | None,
+                    source: str | None) -> DataError:
+    # Readers report unparsable rows before the rows are checked; show everything in file order.
+    problems = sorted(problems, key=lambda problem: int(problem[0].rpartition(" ")[2] or 0))
+    about = "no known format"
+    if fmt:
+        about = f"{fmt} format" + (f", detected from {_place_words(source)}" if source else "")
+    lines = [f"{path}: {len(problems)} problem{'s' * (len(problems) != 1)} in {affected} "
+             f"row{'s' * (affected != 1)} ({about}):"]
+    lines += [format_problem(path, problem) for problem in problems[:SHOWN_PROBLEMS]]
+    if len(problems) > SHOWN_PROBLEMS:
+        lines.append(f"... and {len(problems) - SHOWN_PROBLEMS} more problems ({affected} rows affected)")
+    error = DataError("\n".join(lines),
+                      hint=f"Fix the rows listed, then check the file alone with `msov data validate {path}`.")
+    # The whole list, for callers (e.g. `msov data validate --json`) that show more than the message does.
+    error.problems = [format_problem(path, problem) for problem in problems]
+    return error
+
+
+def format_problem(path: Path, problem: Problem) -> str:
+    place, name, what = problem
+    return f"{path}:{place}: {name}: {what}" if name else f"{path}:{place}: {what}"
+
+
+def _place_words(place: str) -> str:
+    return place if place.startswith(("row", "record")) else f"line {place}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,196 @@
+"""Read rows out of .jsonl, .json, .csv and .parquet files, each with the place it came from.
+
+A place is what a person opens the file at: a line number for text files (the line a record starts on),
+"row N" for Parquet, which has no lines. Readers report what they cannot parse as problems and keep going
+where the format allows it (JSONL, CSV), so one run of `msov data validate` shows everything at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import json
+import re
+from pathlib import Path
+
+from ..errors import DataError
+from .formats import detect_format
+
+# (place, field or None, what is wrong)
+Problem = tuple[str, "str | None", str]
+Rows = list[tuple[str, dict]]
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def read_jsonl(path: Path) -> tuple[Rows, list[Problem]]:
+    rows: Rows = []
+    problems: list[Problem] = []
+    # Binary lines: text mode would also split on \r and U+2028, which are legal inside JSON strings.
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            place = str(number)
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append((place, None, f"not UTF-8 text (byte {exc.start + 1} of the line)"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append((place, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+                continue
+            if not isinstance(row, dict):
+                problems.append((place, None, f"expected one JSON object per line, got {_json_type(row)}"))
+                continue
+            rows.append((place, row))
+    return rows, problems
+
+
+def read_json(path: Path) -> tuple[Rows, list[Problem]]:
+    text = _read_text(path)
+    if not text.strip():
+        return [], []
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})",
+                        hint="A .json data file holds one array of records; for one record per line use .jsonl.")
+    records, key = _records_of(path, document)
+    try:
+        newlines = [m.start() for m in re.finditer("\n", text)]
+        lines = [str(bisect.bisect_left(newlines, start) + 1) for start in _record_starts(text, key)]
+        if len(lines) != len(records):
+            raise ValueError("walk disagrees with the parser")
+    except (ValueError, IndexError):
+        # Locating records is a convenience for messages; never fail a valid file over it.
+        lines = [f"record {n}" for n in range(1, len(records) + 1)]
+    rows: Rows = []
+    problems: list[Problem] = []
+    for place, record in zip(lines, records):
+        if isinstance(record, dict):
+            rows.append((place, record))
+        else:
+            problems.append((place, None, f"expected each record to be a JSON object, got {_json_type(record)}"))
+    return rows, problems
+
+
+def _records_of(path: Path, document) -> tuple[list, str | None]:
+    if isinstance(document, list):
+        return document, None
+    if isinstance(document, dict):
+        lists = [key for key, value in document.items() if isinstance(value, list)]
+        if detect_format(document) is None and len(lists) == 1:
+            return document[lists[0]], lists[0]
+        if detect_format(document) is not None:
+            raise DataError(f"{path}:1: the file holds a single record; a .json data file holds an array of "
+                            "records", hint="Wrap it in [ ... ], or write one record per line in a .jsonl file.")
+    raise DataError(f"{path}:1: expected an array of records, or an object holding one array "
+                    f'(e.g. {{"data": [...]}}), got {_json_type(document)}'
+                    + (f" with keys {', '.join(document)}" if isinstance(document, dict) else ""),
+                    hint="A .json data file holds one array of records; for one record per line use .jsonl.")
+
+
+def _record_starts(text: str, key: str | None) -> list[int]:
+    """Offsets where each element of the records array begins, by walking the (already valid) document."""
+    decoder = json.JSONDecoder()
+    i = _skip(text, 0)
+    if key is not None:
+        # Walk the top-level object; the last occurrence of a key wins, as it does in json.loads.
+        i, array_at = _skip(text, i + 1), None
+        while text[i] != "}":
+            name, i = decoder.raw_decode(text, i)
+            i = _skip(text, _skip(text, i) + 1)
+            if name == key:
+                array_at = i
+            _, i = decoder.raw_decode(text, i)
+            i = _skip(text, i)
+            if text[i] == ",":
+                i = _skip(text, i + 1)
+        i = array_at
+    starts = []
+    i = _skip(text, i + 1)
+    while text[i] != "]":
+        starts.append(i)
+        _, i = decoder.raw_decode(text, i)
+        i = _skip(text, i)
+        if text[i] == ",":
+            i = _skip(text, i + 1)
+    return starts
+
+
+def read_csv(path: Path) -> tuple[Rows, list[Problem]]:
+    rows: Rows = []
+    problems: list[Problem] = []
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return [], []
+            header = [name.strip() for name in header]
+            _check_header(path, header)
+            previous = reader.line_num
+            for cells in reader:
+                # A quoted field may span lines: the row starts on the line after the previous row ended.
+                place, previous = str(previous + 1), reader.line_num
+                if not cells:
+                    continue
+                if len(cells) > len(header):
+                    problems.append((place, None, f"{len(cells)} fields, but the header (line 1) names "
+                                                  f"{len(header)}; is a field with a comma left unquoted?"))
+                    continue
+                rows.append((place, dict(zip(header, cells))))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({exc.reason})",
+                            hint="Save the file as UTF-8.")
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: unreadable CSV: {exc}")
+    return rows, problems
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    seen = set()
+    for column, name in enumerate(header, 1):
+        if not name:
+            raise DataError(f"{path}:1: column {column} of the header row has no name",
+                            hint="The first row of a CSV data file names its columns, e.g. instruction,input,output.")
+        if name in seen:
+            raise DataError(f"{path}:1: column name '{name}' appears twice in the header row")
+        seen.add(name)
+
+
+def read_parquet(path: Path) -> tuple[Rows, list[Problem]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}")
+    return [(f"row {n}", row) for n, row in enumerate(table.to_pylist(), 1)], []
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({exc.reason})", hint="Save the file as UTF-8.")
+
+
+def _skip(text: str, i: int) -> int:
+    return _WHITESPACE.match(text, i).end()
+
+
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")

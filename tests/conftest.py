@@ -1,0 +1,72 @@
+"""Shared fixtures: one tiny model per session, recipes written around it, a CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mistral_sov.offline import enforce_offline_env
+
+enforce_offline_env()  # before any test imports transformers, as msov itself does
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "data_samples"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Built once (seconds); tests that modify a model copy it first (see `model_copy`)."""
+    from mistral_sov.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(tiny_model, target)
+    return target
+
+
+def small_recipe(model: Path, out: Path, **train) -> dict:
+    """A fast recipe on the tiny model: chat train data and the held-out eval file."""
+    return {
+        "name": "test-run",
+        "model": {"path": str(model)},
+        "data": {
+            "train": [{"path": str(SAMPLES / "helpdesk_chat.jsonl"), "format": "chat"}],
+            "eval": [{"path": str(SAMPLES / "helpdesk_chat_eval.jsonl"), "format": "chat"}],
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"epochs": 1, "lr": 3e-3, "batch_size": 8, "max_seq_len": 192, "seed": 7,
+                  "logging_steps": 2, "save_steps": 5, **train},
+        "output": {"dir": str(out)},
+    }
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(data: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli():
+    """Invoke the real Typer app in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from mistral_sov.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke

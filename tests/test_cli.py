@@ -1,0 +1,91 @@
+"""The CLI as users and CI meet it: exit codes, one-paragraph errors, --json, --dry-run."""
+
+import json
+import subprocess
+import sys
+
+from conftest import SAMPLES, small_recipe
+
+
+def test_help_does_not_import_torch_or_transformers():
+    code = (
+        "import sys\n"
+        "from mistral_sov.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "finetune" in done.stdout
+
+
+def test_hub_id_is_refused_with_exit_5_before_any_network(cli, write_recipe, tmp_path):
+    recipe = small_recipe(tmp_path / "unused", tmp_path / "out")
+    recipe["model"]["path"] = "mistralai/Mistral-7B-v0.1"
+    result = cli("finetune", write_recipe(recipe))
+    assert result.exit_code == 5, result.output
+    assert "'mistralai/Mistral-7B-v0.1' is not a local folder" in result.stderr
+    assert "msov never downloads" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_missing_local_folder_is_exit_5(cli, write_recipe, tmp_path):
+    recipe = small_recipe(tmp_path / "no-such-model", tmp_path / "out")
+    result = cli("finetune", write_recipe(recipe), "--json")
+    assert result.exit_code == 5
+    assert json.loads(result.stdout)["exit_code"] == 5
+    assert "does not exist" in json.loads(result.stdout)["error"]
+
+
+def test_recipe_error_is_exit_3_with_suggestion(cli, write_recipe, tiny_model, tmp_path):
+    recipe = small_recipe(tiny_model, tmp_path / "out")
+    recipe["lora"]["alpah"] = 3
+    result = cli("finetune", write_recipe(recipe))
+    assert result.exit_code == 3
+    assert "lora.alpah: unknown key; did you mean 'alpha'?" in result.stderr
+
+
+def test_pickle_weights_refused(cli, write_recipe, model_copy, tmp_path):
+    (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")
+    result = cli("finetune", write_recipe(small_recipe(model_copy, tmp_path / "out")), "--dry-run")
+    assert result.exit_code == 3
+    assert "msov loads safetensors only" in result.stderr and "pytorch_model.bin" in result.stderr
+
+
+def test_bad_data_is_exit_3_with_file_and_line(cli, write_recipe, tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good_line = (SAMPLES / "helpdesk_chat.jsonl").read_text().splitlines()[0]
+    bad.write_text(good_line + "\n" + '{"messages": [{"role": "bot", "content": "hi"}]}\n')
+    recipe = small_recipe(tiny_model, tmp_path / "out")
+    recipe["data"]["train"] = [{"path": str(bad), "format": "chat"}]
+    result = cli("finetune", write_recipe(recipe))
+    assert result.exit_code == 3
+    assert f"{bad}:2: messages[0].role" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_reports_and_trains_nothing(cli, write_recipe, tiny_model, tmp_path):
+    path = write_recipe(small_recipe(tiny_model, tmp_path / "out"))
+    result = cli("finetune", path, "--dry-run", "--json", "--set", "lora.r=4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["status"] == "dry-run" and report["recipe"]["lora"]["r"] == 4
+    assert 0 < report["parameters"]["trainable"] < report["parameters"]["total"]
+    assert report["tokens"]["train"]["supervised_tokens"] > 0
+    assert report["data"]["train"][0]["rows"] > 100
+    human = cli("finetune", path, "--dry-run")
+    assert human.exit_code == 0
+    assert "trainable of" in human.stdout and "dry run ok" in human.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_data_validate_command(cli, tmp_path):
+    ok = cli("data", "validate", SAMPLES / "helpdesk_chat.jsonl", SAMPLES / "helpdesk_instruction.csv")
+    assert ok.exit_code == 0 and "rows" in ok.stdout
+    bad = tmp_path / "bad.csv"
+    bad.write_text("instruction,input,output\nReset my password,,\n")
+    result = cli("data", "validate", bad, "--format", "instruction")
+    assert result.exit_code == 3
+    assert f"{bad}:2: output" in result.stderr
