@@ -146,16 +146,15 @@ def demo(
 ) -> None:
     """Build the embedded tiny model, fine-tune it on the sample data, show before/after."""
     from .recipe import load_recipe
-    from .tiny import DEFAULT_DATA_DIR, build_tiny_model
+    from .tiny import DEMO_RECIPE, build_tiny_model
 
     started = time.monotonic()
-    recipe_file = DEFAULT_DATA_DIR.parent / "recipes" / "tiny-demo.yaml"
     model_dir = out / "tiny-model"
     if not (model_dir / "config.json").is_file():
         if not as_json:
             _console().print(f"[dim]building tiny model in {model_dir}[/]")
         build_tiny_model(model_dir)
-    loaded = load_recipe(recipe_file, [f"model.path={model_dir.resolve()}", f"output.dir={(out / 'run').resolve()}"])
+    loaded = load_recipe(DEMO_RECIPE, [f"model.path={model_dir.resolve()}", f"output.dir={(out / 'run').resolve()}"])
     summary = _run_with_progress(loaded, resume=False, overwrite=True, quiet=as_json)
     summary["demo_wall_time_s"] = round(time.monotonic() - started, 2)
     if as_json:

@@ -95,10 +95,13 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     # 1. decide where the run goes, before any expensive work
     out_dir = Path(recipe.output.dir)
     work_dir = out_dir.with_name(out_dir.name + ".partial")
-    checkpoint = _claim_work_dir(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite)
+    checkpoint = _check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite)
 
-    # 2. model folder, data and tokens (all input errors surface here)
+    # 2. model folder, data and tokens (all input errors surface here, before anything is written)
     prepared = prepare_inputs(recipe, on_event)
+    if checkpoint is None:
+        shutil.rmtree(work_dir, ignore_errors=True)  # only an unfinished run the user chose to --overwrite
+        work_dir.mkdir(parents=True)
 
     # 3. base weights with LoRA attached; the seed fixes the adapter's initialisation
     enforce_offline_env()
@@ -182,7 +185,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     return summary
 
 
-def _claim_work_dir(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool):
+def _check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool):
     """Return the checkpoint to resume from (or None), after refusing anything that would lose work."""
     from .training import latest_checkpoint
 
@@ -196,14 +199,11 @@ def _claim_work_dir(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bo
                              hint="Checkpoints are written every train.save_steps steps of an unfinished run.")
         _check_same_recipe(recipe, work_dir / "recipe.yaml")
         return checkpoint
-    if work_dir.exists():
-        if not overwrite:
-            step = latest_checkpoint(work_dir / "checkpoints")
-            raise InputError(f"'{work_dir}' holds an unfinished run"
-                             + (f" (last checkpoint: {step.name})." if step else "."),
-                             hint="Pass --resume to continue it, or --overwrite to discard it.")
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
+    if work_dir.exists() and not overwrite:
+        step = latest_checkpoint(work_dir / "checkpoints")
+        raise InputError(f"'{work_dir}' holds an unfinished run"
+                         + (f" (last checkpoint: {step.name})." if step else "."),
+                         hint="Pass --resume to continue it, or --overwrite to discard it.")
     return None
 
 

@@ -40,8 +40,8 @@ def small_recipe(model: Path, out: Path, **train) -> dict:
             "train": [{"path": str(SAMPLES / "helpdesk_chat.jsonl"), "format": "chat"}],
             "eval": [{"path": str(SAMPLES / "helpdesk_chat_eval.jsonl"), "format": "chat"}],
         },
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"epochs": 1, "lr": 3e-3, "batch_size": 8, "max_seq_len": 192, "seed": 7,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {"epochs": 1, "lr": 5e-3, "batch_size": 8, "max_seq_len": 192, "seed": 7,
                   "logging_steps": 2, "save_steps": 5, **train},
         "output": {"dir": str(out)},
     }
