@@ -131,6 +131,8 @@ def finetune(
             print_dry_run(_console(stderr=False), loaded, report)
         return
     summary = _run_with_progress(loaded, resume=resume, overwrite=overwrite, quiet=as_json)
+    if "rank" in summary:  # a non-zero rank of a multi-process run: rank 0 reports
+        return
     if as_json:
         print(json.dumps(summary))
     else:

@@ -19,7 +19,7 @@ from . import __version__
 from .errors import InputError
 from .offline import enforce_offline_env
 from .recipe import Recipe, load_recipe
-from .training import EventSink
+from .training import EventSink, is_main_process
 
 RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps")}
 
@@ -95,11 +95,12 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     # 1. decide where the run goes, before any expensive work
     out_dir = Path(recipe.output.dir)
     work_dir = out_dir.with_name(out_dir.name + ".partial")
-    checkpoint = _check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite)
+    main = is_main_process()
+    checkpoint = _check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
 
     # 2. model folder, data and tokens (all input errors surface here, before anything is written)
     prepared = prepare_inputs(recipe, on_event)
-    if checkpoint is None:
+    if checkpoint is None and main:
         shutil.rmtree(work_dir, ignore_errors=True)  # only an unfinished run the user chose to --overwrite
         work_dir.mkdir(parents=True)
 
@@ -131,8 +132,9 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     sample_before = generate_reply(model, prepared.tokenizer, sample["prompt"]) if sample else None
 
     # 5. train (from the latest checkpoint when resuming)
-    (work_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    if checkpoint is not None:
+    if main:
+        (work_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    if checkpoint is not None and main:
         trim_metrics(work_dir / "metrics.jsonl", checkpoint_step(checkpoint))
         on_event("stage", {"text": f"resuming from {checkpoint.name}"})
     trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,
@@ -147,6 +149,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"]) if sample else None
 
     # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename
+    if not main:  # the other ranks trained the same adapter; rank 0 alone writes and publishes it
+        return {"status": "complete", "rank": int(os.environ.get("RANK", "0")), "name": recipe.name}
     on_event("stage", {"text": "saving adapter"})
     model.save_pretrained(work_dir / "adapter")
     losses = [r["loss"] for r in _read_metrics(work_dir / "metrics.jsonl") if "loss" in r]
@@ -185,9 +189,12 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     return summary
 
 
-def _check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool):
+def _check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool, main: bool):
     """Return the checkpoint to resume from (or None), after refusing anything that would lose work."""
     from .training import latest_checkpoint
+
+    if not main:  # rank 0 checks and creates; another rank's check would race with rank 0's mkdir
+        return latest_checkpoint(work_dir / "checkpoints") if resume else None
 
     if out_dir.exists() and not overwrite and not resume:
         raise InputError(f"output.dir: '{out_dir}' already holds a finished run.",

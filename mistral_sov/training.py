@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -66,7 +67,13 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
         dataloader_num_workers=0,
         dataloader_pin_memory=on_cuda,
         include_num_input_tokens_seen="all",
+        ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward pass
     )
+
+
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch every rank runs the same command; only rank 0 writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:

@@ -89,3 +89,15 @@ def test_data_validate_command(cli, tmp_path):
     result = cli("data", "validate", bad, "--format", "instruction")
     assert result.exit_code == 3
     assert f"{bad}:2: output" in result.stderr
+
+
+def test_demo_end_to_end(cli, tmp_path):
+    """What `make demo` runs: tiny model from the bundled samples, LoRA, before/after, outputs in place."""
+    result = cli("demo", "--out", tmp_path / "demo", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["eval"]["after"]["loss"] < 0.6 * summary["eval"]["before"]["loss"]
+    assert summary["sample"]["before"] != summary["sample"]["after"]
+    assert (tmp_path / "demo" / "tiny-model" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["demo_wall_time_s"] > 0
