@@ -258,5 +258,8 @@ def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool) ->
         return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=progress.on_event)
 
 
+# Commands of other areas live in their own modules and register themselves on `app` when imported.
+from . import cli_audit, cli_evaluation, cli_export, cli_system  # noqa: E402,F401
+
 if __name__ == "__main__":  # `python -m mistral_sov.cli` (e.g. under accelerate launch / torchrun)
     sys.exit(app())

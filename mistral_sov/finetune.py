@@ -40,14 +40,15 @@ class PreparedData:
     eval: object = None
 
 
-def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore) -> PreparedData:
+def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weights: bool = True) -> PreparedData:
     """Check the model folder, load and validate every data file, tokenise. Raises on the first bad input."""
     enforce_offline_env()
     from .data import load_data_file, tokenize_records
     from .modeling import inspect_model_folder, load_tokenizer
 
     on_event("stage", {"text": "checking model folder"})
-    folder = inspect_model_folder(recipe.model.path, allow_pickle=recipe.model.allow_pickle)
+    folder = inspect_model_folder(recipe.model.path, allow_pickle=recipe.model.allow_pickle,
+                                  need_weights=need_weights)
     if recipe.model.trust_remote_code:
         on_event("warning", {"text": "model.trust_remote_code is on: Python code shipped in the model folder "
                                      "will run on this machine."})
@@ -74,13 +75,15 @@ def dry_run(recipe: Recipe, on_event: EventSink = _ignore) -> dict:
     """Validate recipe, model folder and data; count parameters on the meta device; train nothing."""
     from .modeling import lora_counts_without_weights
 
-    prepared = prepare_inputs(recipe, on_event)
+    # Weights are not needed to check a recipe: a config-only folder (config.json + tokenizer) plans a 7B run.
+    prepared = prepare_inputs(recipe, on_event, need_weights=False)
     trainable, total = lora_counts_without_weights(prepared.folder, recipe.lora)
     return {
         "status": "dry-run",
         "recipe": recipe.model_dump(mode="json"),
         "recipe_digest": recipe.digest(),
-        "model": {"path": str(prepared.folder.path), "architecture": prepared.folder.architecture},
+        "model": {"path": str(prepared.folder.path), "architecture": prepared.folder.architecture,
+                  "weight_files": [p.name for p in prepared.folder.weight_files]},
         "parameters": {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total},
         "data": _data_summary(prepared),
         "tokens": {"train": prepared.train.stats.as_dict(),

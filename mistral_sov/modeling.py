@@ -43,7 +43,7 @@ def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: 
         )
     safe = sorted(path.glob("*.safetensors"))
     pickled = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if need_weights and not safe:
+    if not safe:
         if pickled and not allow_pickle:
             raise ModelFolderError(
                 f"{path}: weights are pickle files ({', '.join(p.name for p in pickled[:3])}); msov loads "
@@ -51,7 +51,7 @@ def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: 
                 hint="Convert the weights to safetensors on a trusted machine, or set model.allow_pickle: true "
                 "if you trust their origin.",
             )
-        if not pickled:
+        if not pickled and need_weights:
             raise ModelFolderError(f"{path}: no weight files (*.safetensors) found.")
     return ModelFolder(path=path, config=config, weight_files=safe or pickled, pickle_files=pickled)
 
