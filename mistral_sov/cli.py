@@ -60,9 +60,12 @@ def command(group: typer.Typer = app, name: str | None = None) -> Callable:
     def decorate(func: Callable) -> Callable:
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
+            from .egress import egress_guard
+
             as_json = bool(kwargs.get("as_json"))
             try:
-                return func(*args, **kwargs)
+                with egress_guard():
+                    return func(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
             except MsovError as exc:
@@ -208,6 +211,50 @@ def data_validate(
     else:
         for r in results:
             print(f"ok  {r['path']}: {r['rows']} rows, format {r['format']}")
+
+
+@command(group=data_app, name="scan")
+def data_scan(
+    files: List[Path] = typer.Argument(..., help="data files (.jsonl, .json, .csv, .parquet)"),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="exit 3 if any of these kinds is found: "
+                                          "comma-separated kinds, or 'any'"),
+    redact_to: Optional[Path] = typer.Option(None, "--redact", help="write a redacted copy: a file for one "
+                                             "input, a folder for several"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Find likely personal data and secrets (e-mail, phone, IBAN, card, IP, API keys, private keys, IDs)."""
+    from .data.scan import KINDS, redact_file, scan_files
+    from .errors import DataError, UsageError
+
+    wanted = set()
+    if fail_on:
+        wanted = set(KINDS) if fail_on.strip() == "any" else {k.strip() for k in fail_on.split(",") if k.strip()}
+        unknown = wanted - set(KINDS)
+        if unknown:
+            raise UsageError(f"--fail-on: unknown kind(s) {', '.join(sorted(unknown))}; expected any or "
+                             f"{', '.join(KINDS)}")
+    if redact_to is None:
+        report = scan_files(files)
+    else:
+        targets = [redact_to] if len(files) == 1 and redact_to.suffix else [redact_to / f.name for f in files]
+        reports = [redact_file(f, t) for f, t in zip(files, targets)]
+        report = reports[0]
+        for extra in reports[1:]:
+            report.files += extra.files
+            report.rows += extra.rows
+            report.counts.update(extra.counts)
+            report.examples += extra.examples
+    failing = sorted(k for k in wanted if report.counts.get(k))
+    if as_json:
+        print(json.dumps({**report.summary(), "examples": [vars(f) for f in report.examples],
+                          "redacted_to": str(redact_to) if redact_to else None, "failed_on": failing}))
+    else:
+        from .render import print_scan
+
+        print_scan(_console(stderr=False), report, redact_to)
+    if failing:
+        raise DataError(f"--fail-on: found {', '.join(f'{report.counts[k]} {k}' for k in failing)} in the data.",
+                        hint="Remove or redact them (msov data scan FILE --redact OUT) before training.")
 
 
 @command(group=data_app, name="stats")

@@ -38,6 +38,7 @@ class PreparedData:
     eval_files: list = field(default_factory=list)
     train: object = None  # data.TokenizedData
     eval: object = None
+    scan: dict = field(default_factory=dict)  # personal-data / secrets counts (never the findings)
 
 
 def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weights: bool = True) -> PreparedData:
@@ -59,6 +60,7 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weight
     prepared = PreparedData(folder=folder, tokenizer=tokenizer)
     prepared.train_files = [load_data_file(f.path, f.format) for f in recipe.data.train]
     prepared.eval_files = [load_data_file(f.path, f.format) for f in recipe.data.eval]
+    prepared.scan = _scan_summary(prepared.train_files + prepared.eval_files, on_event)
 
     def tokenise(files):
         records = [record for loaded in files for record in loaded.records]
@@ -248,7 +250,21 @@ def _data_summary(prepared: PreparedData) -> dict:
     def files(loaded):
         return [{"path": str(f.path), "format": f.format, "rows": f.rows, "sha256": f.sha256} for f in loaded]
 
-    return {"train": files(prepared.train_files), "eval": files(prepared.eval_files)}
+    return {"train": files(prepared.train_files), "eval": files(prepared.eval_files), "scan": prepared.scan}
+
+
+def _scan_summary(files, on_event: EventSink) -> dict:
+    """Scan what will be trained on for personal data and secrets; warn, and keep only the counts."""
+    from .data.scan import ScanReport, scan_rows
+
+    report = ScanReport()
+    for loaded in files:
+        scan_rows(report, str(loaded.path), zip(loaded.places or map(str, range(1, loaded.rows + 1)), loaded.records))
+    if report.counts:
+        found = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts.items()))
+        on_event("warning", {"text": f"the training data contains likely personal data or secrets ({found}); "
+                                     "see `msov data scan`"})
+    return report.summary()
 
 
 def _sample_conversation(files) -> dict | None:

@@ -92,3 +92,19 @@ def print_run_summary(console: Console, summary: dict, *, demo: bool = False) ->
     console.print(f"adapter        {escape(summary['adapter_dir'])}  (PeftModel.from_pretrained loads it)")
     wall = summary.get("demo_wall_time_s") if demo else summary["wall_time_s"]
     console.print(f"time           {wall:.1f} s")
+
+
+def print_scan(console: Console, report, redacted_to=None) -> None:
+    console.print(f"scanned {report.rows} rows in {len(report.files)} file(s)")
+    if not report.counts:
+        console.print("[green]no likely personal data or secrets found[/]")
+    else:
+        table = Table(show_edge=False)
+        for column in ("kind", "count", "examples (masked)"):
+            table.add_column(column)
+        for kind, count in sorted(report.counts.items()):
+            examples = [f"{escape(f.where())} {escape(f.masked)}" for f in report.examples if f.kind == kind]
+            table.add_row(kind, str(count), "\n".join(examples))
+        console.print(table)
+    if redacted_to:
+        console.print(f"redacted copy written to {escape(str(redacted_to))}")

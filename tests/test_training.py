@@ -39,6 +39,7 @@ def test_run_folder_contents(finished_run):
     assert run["status"] == "complete" and run["train"]["steps"] == summary["train"]["steps"]
     assert run["base_model"]["files"]["model.safetensors"]
     assert all(len(f["sha256"]) == 64 for f in run["data"]["train"])
+    assert run["data"]["scan"] == {"files": 2, "rows": 340, "counts": {}}  # counts only, never findings
     assert run["versions"]["transformers"] and run["recipe_digest"] == load_recipe(out / "recipe.yaml").digest()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [line["step"] for line in lines if "loss" in line]

@@ -1,0 +1,223 @@
+"""Find likely personal data and secrets in training data before they are baked into weights.
+
+Cheap, local pattern checks with validation where a checksum exists (Luhn for cards, mod-97 for IBANs), so the
+counts mean something. Kinds are matched in a fixed order and a matched span is not matched again by a later,
+looser kind (a card number is not also reported as a phone number).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from ..errors import DataError, UsageError
+from .readers import READERS
+
+EXAMPLES_PER_KIND = 5
+
+
+def _luhn(candidate: str) -> bool:
+    digits = [int(c) for c in candidate if c.isdigit()]
+    if not 13 <= len(digits) <= 19 or len(set(digits)) == 1:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _iban(candidate: str) -> bool:
+    text = candidate.replace(" ", "")
+    if not 15 <= len(text) <= 34:
+        return False
+    rotated = text[4:] + text[:4]
+    return int("".join(str(int(c, 36)) for c in rotated)) % 97 == 1
+
+
+def _ipv4(candidate: str) -> bool:
+    return not ipaddress.ip_address(candidate).is_loopback
+
+
+def _ipv6(candidate: str) -> bool:
+    try:
+        return not ipaddress.IPv6Address(candidate).is_loopback
+    except ValueError:
+        return False
+
+
+def _phone(candidate: str) -> bool:
+    digits = sum(c.isdigit() for c in candidate)
+    looks_like_date = re.fullmatch(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}", candidate.strip())
+    return 9 <= digits <= 15 and not looks_like_date
+
+
+# (kind, pattern, validator or None), in matching order: specific before loose.
+PATTERNS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
+    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"), None),
+    ("api_key", re.compile(
+        r"\b(?:AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}|hf_[A-Za-z0-9]{30,}"
+        r"|sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"),
+     None),
+    ("email", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), None),
+    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), _iban),
+    ("credit_card", re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"), _luhn),
+    ("national_id", re.compile(
+        r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"  # US SSN
+        r"|\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"),  # UK National Insurance
+     None),
+    ("ip_address", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"),
+     _ipv4),
+    ("ip_address", re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ipv6),
+    ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){2,4}(?!\w)"),
+     _phone),
+]
+KINDS = sorted({kind for kind, _, _ in PATTERNS})
+
+
+@dataclass
+class Finding:
+    kind: str
+    path: str
+    place: str
+    masked: str
+
+    def where(self) -> str:
+        return f"{self.path}:{self.place}" if self.place.isdigit() else f"{self.path} ({self.place})"
+
+
+@dataclass
+class ScanReport:
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+    counts: Counter = field(default_factory=Counter)
+    examples: list[Finding] = field(default_factory=list)  # at most EXAMPLES_PER_KIND per kind, masked
+
+    def summary(self) -> dict:
+        """What may be recorded in provenance: counts only, never the findings themselves."""
+        return {"files": len(self.files), "rows": self.rows, "counts": dict(sorted(self.counts.items()))}
+
+
+def mask(text: str) -> str:
+    if len(text) <= 6:
+        return "*" * len(text)
+    return f"{text[:2]}{'*' * (len(text) - 4)}{text[-2:]}"
+
+
+def find_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of every finding in `text`, without overlaps."""
+    spans: list[tuple[int, int, str]] = []
+    for kind, pattern, valid in PATTERNS:
+        for match in pattern.finditer(text):
+            start, end = match.span()
+            if any(s < end and start < e for s, e, _ in spans):
+                continue
+            if valid is None or valid(match.group()):
+                spans.append((start, end, kind))
+    return sorted(spans)
+
+
+def redact(text: str) -> str:
+    for start, end, kind in reversed(find_spans(text)):
+        text = f"{text[:start]}[REDACTED:{kind.upper()}]{text[end:]}"
+    return text
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _map_strings(value, func):
+    if isinstance(value, str):
+        return func(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, func) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, func) for v in value]
+    return value
+
+
+def scan_rows(report: ScanReport, path: str, rows: Iterable[tuple[str, object]]) -> ScanReport:
+    """Add the findings of (place, row) pairs to `report`."""
+    report.files.append(path)
+    for place, row in rows:
+        report.rows += 1
+        for text in _strings(row):
+            for start, end, kind in find_spans(text):
+                report.counts[kind] += 1
+                if sum(f.kind == kind for f in report.examples) < EXAMPLES_PER_KIND:
+                    report.examples.append(Finding(kind, path, place, mask(text[start:end])))
+    return report
+
+
+def _read(path: Path):
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported data file type '{path.suffix}'; supported: {', '.join(READERS)}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    rows, problems = reader(path)
+    if problems:
+        place, _, what = problems[0]
+        raise DataError(f"{path}:{place}: {what}", hint=f"`msov data validate {path}` lists every problem.")
+    return rows
+
+
+def scan_files(paths: Iterable[str | Path]) -> ScanReport:
+    report = ScanReport()
+    for path in map(Path, paths):
+        scan_rows(report, str(path), _read(path))
+    return report
+
+
+def redact_file(path: str | Path, out: str | Path) -> ScanReport:
+    """Write a copy of `path` with every finding replaced by [REDACTED:KIND], in the same file type, atomically."""
+    path, out = Path(path), Path(out)
+    if out.resolve() == path.resolve():
+        raise UsageError(f"--redact: '{out}' is the input file; write the redacted copy somewhere else.")
+    rows = _read(path)
+    report = scan_rows(ScanReport(), str(path), rows)
+    redacted = [_map_strings(row, redact) for _, row in rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        _write_like(path.suffix.lower(), redacted, tmp, source=path)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return report
+
+
+def _write_like(suffix: str, rows: list, target: Path, *, source: Path) -> None:
+    if suffix == ".jsonl":
+        target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".json":
+        target.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    elif suffix == ".csv":
+        import csv
+
+        with open(source, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle))
+        with open(target, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(source)), target)
