@@ -72,6 +72,10 @@ def command(group: typer.Typer = app, name: str | None = None) -> Callable:
                 _fail(exc, exc.exit_code, as_json, exc.hint)
             except KeyboardInterrupt:
                 _fail(RuntimeError("interrupted"), 130, as_json, "an unfinished run can be continued with --resume")
+            except OSError as exc:  # disk full, read-only or missing folder: say which file, not a traceback
+                where = f" ({exc.filename})" if exc.filename else ""
+                _fail(RuntimeError(f"{exc.strerror or exc}{where}"), 1, as_json,
+                      "nothing unfinished was published; fix the cause and run the command again")
             except Exception as exc:  # noqa: BLE001 - the last line of defence renders, never hides
                 _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1, as_json)
 
@@ -119,6 +123,7 @@ def finetune(
     as_json: bool = JsonOpt,
 ) -> None:
     """Fine-tune a local model with LoRA as the recipe says; write adapter/, metrics.jsonl and run.json."""
+    from .errors import Interrupted
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
@@ -133,7 +138,12 @@ def finetune(
 
             print_dry_run(_console(stderr=False), loaded, report)
         return
-    summary = _run_with_progress(loaded, resume=resume, overwrite=overwrite, quiet=as_json)
+    try:
+        summary = _run_with_progress(loaded, resume=resume, overwrite=overwrite, quiet=as_json)
+    except Interrupted as exc:
+        sets = "".join(f" --set {o}" for o in overrides or [])
+        exc.hint = f"continue with: msov finetune {recipe}{sets} --resume"
+        raise
     if "rank" in summary:  # a non-zero rank of a multi-process run: rank 0 reports
         return
     if as_json:

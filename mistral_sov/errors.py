@@ -45,3 +45,9 @@ class EnvironmentRefused(MsovError):
     """Network, remote model id, missing dependency: msov refuses rather than reaching out."""
 
     exit_code = 5
+
+
+class Interrupted(MsovError):
+    """Ctrl-C during training: a checkpoint was saved; `--resume` continues. 130 is the shell's code for SIGINT."""
+
+    exit_code = 130

@@ -10,13 +10,16 @@ import json
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, Interrupted
 from .offline import enforce_offline_env
 from .recipe import Recipe, load_recipe
 from .training import EventSink, is_main_process
@@ -144,8 +147,13 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         on_event("stage", {"text": f"resuming from {checkpoint.name}"})
     trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,
                             prepared.eval.dataset if prepared.eval else None, recipe.train, work_dir, on_event)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop = _stop_at_step_boundary(trainer)
+    with _first_ctrl_c_requests(stop):
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     on_event("train_end", {})
+    if stop["requested"]:
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
+                          f"'{work_dir / 'checkpoints'}'.", hint="Continue with the same command plus --resume.")
 
     # 6. where we ended: eval loss and the same sample after training
     if prepared.eval is not None:
@@ -194,12 +202,53 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     return summary
 
 
+def _stop_at_step_boundary(trainer) -> dict:
+    """A callback that, once asked, finishes the current step, saves a checkpoint and ends training."""
+    from transformers import TrainerCallback
+
+    stop = {"requested": False}
+
+    class StopWhenAsked(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop["requested"]:
+                control.should_save = True
+                control.should_training_stop = True
+
+    trainer.add_callback(StopWhenAsked())
+    return stop
+
+
+@contextmanager
+def _first_ctrl_c_requests(stop: dict):
+    """The first Ctrl-C asks for a clean stop at the next step boundary; a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool, main: bool):
     """Return the checkpoint to resume from (or None), after refusing anything that would lose work."""
     from .training import latest_checkpoint
 
     if not main:  # rank 0 checks and creates; another rank's check would race with rank 0's mkdir
         return latest_checkpoint(work_dir / "checkpoints") if resume else None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"output.dir: cannot create '{out_dir.parent}': {exc.strerror}.") from None
+    if not os.access(out_dir.parent, os.W_OK):
+        raise InputError(f"output.dir: '{out_dir.parent}' is not writable (read-only file system or permissions).")
 
     if out_dir.exists() and not overwrite and not resume:
         raise InputError(f"output.dir: '{out_dir}' already holds a finished run.",
