@@ -98,6 +98,8 @@ class TrainSection(_Strict):
 
 class OutputSection(_Strict):
     dir: str
+    sign_key: Optional[str] = Field(None, description="private key (.pem) to sign the adapter with; kept outside "
+                                    "output folders, passphrase from $MSOV_KEY_PASSPHRASE")
 
 
 class Recipe(_Strict):
@@ -133,7 +135,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -174,6 +180,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     if data["data"]["chat_template"]:
         data["data"]["chat_template"] = resolve(data["data"]["chat_template"])
     data["output"]["dir"] = resolve(data["output"]["dir"])
+    if data["output"]["sign_key"]:
+        data["output"]["sign_key"] = resolve(data["output"]["sign_key"])
     return Recipe.model_validate(data)
 
 
@@ -187,7 +195,10 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(target.get(part, {}), dict):
             raise RecipeError(f"--set {key}: '{part}' is not a section")
         target = target.setdefault(part, {})
-    target[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        target[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}).") from None
 
 
 def _line_map(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
