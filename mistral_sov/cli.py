@@ -120,6 +120,8 @@ def finetune(
     dry_run: bool = typer.Option(False, "--dry-run", help="validate recipe, model and data; train nothing"),
     resume: bool = typer.Option(False, "--resume", help="continue the unfinished run from its latest checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run at output.dir"),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="sign the adapter with this private key "
+                                            "(overrides output.sign_key; passphrase from $MSOV_KEY_PASSPHRASE)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Fine-tune a local model with LoRA as the recipe says; write adapter/, metrics.jsonl and run.json."""
@@ -139,7 +141,8 @@ def finetune(
             print_dry_run(_console(stderr=False), loaded, report)
         return
     try:
-        summary = _run_with_progress(loaded, resume=resume, overwrite=overwrite, quiet=as_json)
+        summary = _run_with_progress(loaded, resume=resume, overwrite=overwrite, quiet=as_json,
+                                     sign_key=str(sign_key) if sign_key else None)
     except Interrupted as exc:
         sets = "".join(f" --set {o}" for o in overrides or [])
         exc.hint = f"continue with: msov finetune {recipe}{sets} --resume"
@@ -304,15 +307,17 @@ def _stage_printer():
     return on_event
 
 
-def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
+def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool, sign_key: str | None = None) -> dict:
     from .finetune import finetune as run_finetune
+    from .training import is_main_process
 
-    if quiet:
-        return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=_quiet_events())
+    if quiet or not is_main_process():  # one progress bar per run: rank 0's
+        return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=_quiet_events(), sign_key=sign_key)
     from .render import TrainingProgress
 
     with TrainingProgress(_console(), _stage_printer()) as progress:
-        return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=progress.on_event)
+        return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=progress.on_event,
+                            sign_key=sign_key)
 
 
 # Commands of other areas live in their own modules and register themselves on `app` when imported.

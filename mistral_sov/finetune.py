@@ -24,7 +24,8 @@ from .offline import enforce_offline_env
 from .recipe import Recipe, load_recipe
 from .training import EventSink, is_main_process
 
-RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps")}
+# The signing key changes who vouches for the adapter, not the adapter: a resumed run may be signed differently.
+RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps"), ("output", "sign_key")}
 
 
 def _ignore(_kind: str, _payload: dict) -> None:
@@ -97,7 +98,7 @@ def dry_run(recipe: Recipe, on_event: EventSink = _ignore) -> dict:
 
 
 def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
-             on_event: EventSink = _ignore) -> dict:
+             on_event: EventSink = _ignore, sign_key: str | None = None) -> dict:
     started_at, clock = _now(), time.monotonic()
 
     # 1. decide where the run goes, before any expensive work
@@ -105,6 +106,11 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     work_dir = out_dir.with_name(out_dir.name + ".partial")
     main = is_main_process()
     checkpoint = _check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
+    sign_key = sign_key or recipe.output.sign_key  # the --sign-key flag wins over the recipe
+    if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
+        from .signing import check_signing_key
+
+        check_signing_key(Path(sign_key), outside=(out_dir, work_dir))
 
     # 2. model folder, data and tokens (all input errors surface here, before anything is written)
     prepared = prepare_inputs(recipe, on_event)
@@ -146,7 +152,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         trim_metrics(work_dir / "metrics.jsonl", checkpoint_step(checkpoint))
         on_event("stage", {"text": f"resuming from {checkpoint.name}"})
     trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,
-                            prepared.eval.dataset if prepared.eval else None, recipe.train, work_dir, on_event)
+                            prepared.eval.dataset if prepared.eval else None, recipe.train, work_dir, on_event,
+                            packing=recipe.data.packing)
     stop = _stop_at_step_boundary(trainer)
     with _first_ctrl_c_requests(stop):
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -162,8 +169,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"]) if sample else None
 
     # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename
+    weights_digest = _trainable_digest(model)
     if not main:  # the other ranks trained the same adapter; rank 0 alone writes and publishes it
-        return {"status": "complete", "rank": int(os.environ.get("RANK", "0")), "name": recipe.name}
+        return {"status": "complete", "rank": int(os.environ.get("RANK", "0")), "name": recipe.name,
+                "trainable_sha256": weights_digest}
     on_event("stage", {"text": "saving adapter"})
     model.save_pretrained(work_dir / "adapter")
     losses = [r["loss"] for r in _read_metrics(work_dir / "metrics.jsonl") if "loss" in r]
@@ -179,7 +188,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         "data": _data_summary(prepared),
         "tokens": {"train": prepared.train.stats.as_dict(),
                    "eval": prepared.eval.stats.as_dict() if prepared.eval else None},
-        "parameters": {"trainable": trainable, "total": total},
+        "parameters": {"trainable": trainable, "total": total, "trainable_sha256": weights_digest},
         "train": {
             "steps": trainer.state.global_step,
             "resumed_from_step": checkpoint_step(checkpoint) if checkpoint else None,
@@ -196,10 +205,37 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         "finished_at": _now(),
         "wall_time_s": round(time.monotonic() - clock, 2),
     }
+    # 8. provenance inside the adapter, then the signature over all of it (adapter.sig beside adapter/); both
+    #    before the rename, so nothing signed-looking is ever published for an unfinished run
+    from .manifest import describe_folder
+    from .provenance import write_provenance
+    from .signing import sign_folder
+
+    on_event("stage", {"text": "writing provenance" + (" and signing" if sign_key else "")})
+    write_provenance(work_dir / "adapter", {**summary, "recipe": recipe.model_dump(mode="json")})
+    summary["signature"] = None
+    if sign_key:
+        signed = sign_folder(work_dir / "adapter", Path(sign_key), sig_path=work_dir / "adapter.sig")
+        summary["signature"] = {"path": str(out_dir / "adapter.sig"), "key_hint": signed["key_hint"]}
+        summary["adapter_digest"] = signed["subject_digest"]
+    else:
+        summary["adapter_digest"] = describe_folder(work_dir / "adapter")["subject_digest"]
     (work_dir / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     _publish(work_dir, out_dir)
     return summary
+
+
+def _trainable_digest(model) -> str:
+    """sha256 over the trained (LoRA) tensors in name order: equal on every rank of a correct DDP run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _stop_at_step_boundary(trainer) -> dict:
