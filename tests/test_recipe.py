@@ -89,3 +89,11 @@ def test_shipped_recipes_validate(recipe_file):
     assert recipe.name == yaml.safe_load(recipe_file.read_text())["name"]
     for item in recipe.data.train + recipe.data.eval:
         assert Path(item.path).is_file(), item.path
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load_in_accelerate(config):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    loaded = ClusterConfig.from_yaml_file(str(config))
+    assert loaded.num_processes >= 2 and loaded.mixed_precision == "bf16"
