@@ -54,3 +54,42 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
     if was_training:
         model.train()
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def resolve_target(path: str) -> tuple[str, str | None]:
+    """(base model folder, adapter folder or None) for a run folder, an adapter folder or a model folder."""
+    import json
+    from pathlib import Path
+
+    from .errors import InputError
+
+    target = Path(path)
+    if (target / "run.json").is_file() and (target / "adapter").is_dir():
+        target = target / "adapter"
+    if (target / "adapter_config.json").is_file():
+        base = json.loads((target / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise InputError(f"{target}/adapter_config.json: no base_model_name_or_path; cannot find the base model.")
+        return base, str(target)
+    if (target / "config.json").is_file():
+        return str(target), None
+    raise InputError(f"'{path}' is not a run folder, an adapter folder or a model folder.",
+                     hint="Pass the output.dir of a finished run, its adapter/ folder, or a local model folder.")
+
+
+def load_for_eval(path: str):
+    """(base model, model with the adapter applied or None, tokenizer), all local, for eval and generate."""
+    from peft import PeftModel
+
+    from .modeling import inspect_model_folder, load_model, load_tokenizer
+    from .recipe import ModelSection
+
+    base_ref, adapter = resolve_target(path)
+    folder = inspect_model_folder(base_ref)
+    tokenizer = load_tokenizer(folder)
+    base = load_model(folder, ModelSection(path=str(folder.path)))
+    if adapter is None:
+        return base, None, tokenizer
+    # A second copy of the base keeps the before/after comparison honest: PEFT wraps the module it is given.
+    tuned = PeftModel.from_pretrained(load_model(folder, ModelSection(path=str(folder.path))), adapter)
+    return base, tuned, tokenizer

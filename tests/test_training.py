@@ -126,3 +126,19 @@ def test_resume_continues_from_checkpoint(tiny_model, tmp_path, write_recipe, cl
     assert steps == sorted(set(steps)) and steps[-1] == 10
     assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["train"]["max_steps"] == 10
     assert not partial.exists()
+
+
+def test_eval_and_generate_commands_on_a_run(finished_run, cli):
+    from conftest import SAMPLES
+
+    summary, out, _ = finished_run
+    result = cli("eval", out, "--data", SAMPLES / "helpdesk_chat_eval.jsonl", "--max-seq-len", "192", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["base"]["loss"] == pytest.approx(summary["eval"]["before"]["loss"], rel=1e-4)
+    assert report["adapter"]["loss"] == pytest.approx(summary["eval"]["after"]["loss"], rel=1e-4)
+    answer = cli("generate", out / "adapter", "--prompt", "The printer PRN-WB-3 is jammed.", "--json")
+    assert answer.exit_code == 0, answer.output
+    answers = json.loads(answer.stdout)
+    assert answers["adapter"] and answers["adapter"] != answers["base"]
+    assert cli("eval", out / "metrics.jsonl", "--data", SAMPLES / "helpdesk_chat_eval.jsonl").exit_code == 3
