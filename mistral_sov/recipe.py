@@ -50,6 +50,8 @@ class DataSection(_Strict):
     chat_template: Optional[str] = Field(None, description="jinja file overriding the tokenizer's chat template")
     train_on: Literal["completion", "all"] = "completion"
     overlong: Literal["truncate", "drop"] = "truncate"
+    packing: bool = Field(True, description="pack the rows of a batch into padding-free sequences of "
+                                            "train.max_seq_len tokens, attention confined to each row")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -86,6 +88,8 @@ class TrainSection(_Strict):
     max_seq_len: int = Field(512, gt=8)
     seed: int = 42
     gradient_checkpointing: bool = False
+    group_by_length: bool = Field(True, description="without data.packing, batch rows of like length together")
+    torch_compile: bool = Field(False, description="compile the model with torch.compile (opt-in)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="mixed-precision compute on the accelerator")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -64,8 +64,8 @@ def print_dry_run(console: Console, recipe, report: dict) -> None:
     console.print(f"model          {escape(report['model']['path'])} ({report['model']['architecture']})")
     p = report["parameters"]
     console.print(f"parameters     {p['trainable']:,} trainable of {p['total']:,} ({p['trainable_pct']:.3f}%)")
-    for split, files in report["data"].items():
-        for f in files:
+    for split in ("train", "eval"):
+        for f in report["data"][split]:
             console.print(f"{split:5} data     {escape(f['path'])}: {f['rows']} rows, {f['format']}")
     print_token_stats(console, report["tokens"])
     console.print("[green]dry run ok[/]: nothing was trained.")
