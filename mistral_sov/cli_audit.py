@@ -98,6 +98,34 @@ def verify(
             _print_explanation(console, explain_provenance(provenance))
 
 
+@command()
+def reproduce(
+    folder: Path = typer.Argument(..., help="a signed adapter folder with msov/provenance.json"),
+    key: Path = typer.Option(..., "--key", help="the signer's public key"),
+    sig: Optional[Path] = typer.Option(None, "--sig", help="signature file (default: FOLDER.sig)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="keep the re-run here (default: a scratch folder)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-run a signed training from its provenance; check the new adapter equals the signed one."""
+    from .cli import _stage_printer
+    from .reproduce import reproduce as run_reproduce
+
+    report = run_reproduce(folder, key, sig_path=sig, out=out,
+                           on_event=(lambda *_: None) if as_json else _stage_printer())
+    if as_json:
+        print(json.dumps(report))
+        return
+    console = _console(stderr=False)
+    if report["status"] == "identical":
+        console.print("[bold green]reproduced[/]: the re-run's weights are byte-identical to the signed ones")
+    else:
+        console.print("[bold yellow]equivalent[/]: not byte-identical (" + "; ".join(report["reasons"])
+                      + f"); eval loss {report['eval_loss']['recorded']:.4f} -> "
+                      f"{report['eval_loss']['reproduced']:.4f}")
+    for name, digest in report["reproduced"].items():
+        console.print(f"  {name}  sha256:{digest}")
+
+
 @command(group=manifest_app, name="show")
 def manifest_show(
     folder: Path = typer.Argument(..., help="folder to list"),
