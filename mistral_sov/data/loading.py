@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..manifest import sha256_file
 from .formats import EXPECTED, FORMATS, check_row, detect_format, fields_of
 from .readers import READERS, Problem
 
@@ -108,10 +108,3 @@ def format_problem(path: Path, problem: Problem) -> str:
 def _place_words(place: str) -> str:
     return place if place.startswith(("row", "record")) else f"line {place}"
 
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
