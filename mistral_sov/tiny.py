@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from .data.readers import iter_strings
+
 # bundled/ links to the repository's data_samples/ and recipes/, and the wheel carries copies of both, so the
 # demo runs the same from a checkout and from an installed package.
 BUNDLED_DIR: Path = Path(__file__).resolve().parent / "bundled"
@@ -25,17 +27,6 @@ CHAT_TEMPLATE_PATH: Path = Path(__file__).parent / "templates" / "chat.jinja"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYS]", "[/SYS]"]
 
 SAMPLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-
-def _strings(value) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _strings(item)
 
 
 def _sample_files(data_dir: Path) -> list[Path]:
@@ -51,9 +42,9 @@ def _file_texts(path: Path) -> Iterator[str]:
         with path.open(encoding="utf-8-sig") as f:
             for line in f:
                 if line.strip():
-                    yield from _strings(json.loads(line))
+                    yield from iter_strings(json.loads(line))
     elif path.suffix == ".json":
-        yield from _strings(json.loads(path.read_text(encoding="utf-8-sig")))
+        yield from iter_strings(json.loads(path.read_text(encoding="utf-8-sig")))
     elif path.suffix == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as f:
             for row in csv.reader(f):
@@ -61,7 +52,7 @@ def _file_texts(path: Path) -> Iterator[str]:
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        yield from _strings(pq.read_table(path).to_pylist())
+        yield from iter_strings(pq.read_table(path).to_pylist())
 
 
 def sample_texts(data_dir: Path | None = None) -> list[str]:

@@ -11,6 +11,7 @@ import bisect
 import csv
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
@@ -21,6 +22,18 @@ Problem = tuple[str, "str | None", str]
 Rows = list[tuple[str, dict]]
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def iter_strings(value) -> Iterator[str]:
+    """Every string inside a row, however deeply nested (for scanning, and for training the tiny tokenizer)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from iter_strings(item)
 
 
 def read_jsonl(path: Path) -> tuple[Rows, list[Problem]]:

@@ -14,10 +14,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from ..errors import DataError, UsageError
-from .readers import READERS
+from .readers import READERS, iter_strings
 
 EXAMPLES_PER_KIND = 5
 
@@ -130,17 +130,6 @@ def redact(text: str) -> str:
     return text
 
 
-def _strings(value) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
 def _map_strings(value, func):
     if isinstance(value, str):
         return func(value)
@@ -156,7 +145,7 @@ def scan_rows(report: ScanReport, path: str, rows: Iterable[tuple[str, object]])
     report.files.append(path)
     for place, row in rows:
         report.rows += 1
-        for text in _strings(row):
+        for text in iter_strings(row):
             for start, end, kind in find_spans(text):
                 report.counts[kind] += 1
                 if sum(f.kind == kind for f in report.examples) < EXAMPLES_PER_KIND:
