@@ -52,6 +52,10 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weight
     from .modeling import inspect_model_folder, load_tokenizer
 
     on_event("stage", {"text": "checking model folder"})
+    if recipe.quantization is not None:  # refusals (fp16 on CPU, DoRA + 8-bit, no bitsandbytes) before any work
+        from .modeling import check_quantization
+
+        check_quantization(recipe.quantization, recipe.lora)
     folder = inspect_model_folder(recipe.model.path, allow_pickle=recipe.model.allow_pickle,
                                   need_weights=need_weights)
     if recipe.model.trust_remote_code:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, EnvironmentRefused, ModelFolderError
+from .errors import DataError, EnvironmentRefused, InputError, ModelFolderError
 from .offline import require_local_model
 from .recipe import LoraSection, ModelSection, QuantizationSection
 
@@ -74,15 +74,76 @@ def load_tokenizer(folder: ModelFolder, *, chat_template: str | None = None, tru
     return tokenizer
 
 
-def quantization_config(section: QuantizationSection):
-    import torch
-
+def _bitsandbytes():
     try:
-        from transformers import BitsAndBytesConfig
-        import bitsandbytes  # noqa: F401 - fail here, by name, rather than deep inside from_pretrained
+        import bitsandbytes
     except ImportError:
         raise EnvironmentRefused("quantization: bitsandbytes is not installed.",
                                  hint="pip install 'mistral_sov[qlora]', or remove the quantization section.") from None
+    return bitsandbytes
+
+
+def quantization_device() -> str:
+    """Where transformers puts a bitsandbytes model: the current CUDA device when there is one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_quantization(section: QuantizationSection, lora: LoraSection | None = None, *,
+                       device: str | None = None) -> None:
+    """Refuse, before any weight is read, QLoRA settings that bitsandbytes cannot run on this machine."""
+    import torch
+
+    bnb = _bitsandbytes()
+    device = device or quantization_device()
+    kind = device.split(":")[0]
+    if section.compute_dtype == "float16" and kind == "cpu":
+        raise InputError(
+            "quantization.compute_dtype: float16 needs a CUDA GPU; on this CPU-only machine float16 matmuls are "
+            "slow and nothing scales the loss to keep float16 gradients from underflowing.",
+            hint="Use quantization.compute_dtype: bfloat16 (or float32) on CPU.")
+    if lora is not None and section.bits == 8:
+        _refuse_dora_on_8bit(lora, kind)
+    supported = getattr(bnb, "supported_torch_devices", None)
+    problem = None
+    if supported is not None and kind not in supported:
+        problem = f"its supported devices are {', '.join(sorted(supported))}"
+    else:
+        try:  # a 64x64 round trip through the backend's own kernels: milliseconds, and it fails where they're absent
+            x = torch.randn(64, 64, device=device, dtype=getattr(torch, section.compute_dtype))
+            if section.bits == 4:
+                packed, state = bnb.functional.quantize_4bit(x, quant_type=section.quant_type,
+                                                              compress_statistics=section.double_quant)
+                bnb.functional.dequantize_4bit(packed, state)
+            else:
+                bnb.functional.int8_vectorwise_quant(x)
+        except Exception as exc:  # noqa: BLE001 - any backend failure means the same thing to the user
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if problem:
+        raise EnvironmentRefused(
+            f"quantization.bits: {section.bits}-bit {section.quant_type if section.bits == 4 else 'int8'} loading "
+            f"is not supported by bitsandbytes {bnb.__version__} on '{device}' ({problem}).",
+            hint="Remove the quantization section to train plain LoRA in model.dtype, or run on a device "
+            "bitsandbytes supports: a CUDA GPU, or a CPU with the tested bitsandbytes (see `msov doctor`).")
+
+
+def _refuse_dora_on_8bit(lora: LoraSection, kind: str) -> None:
+    if not lora.use_dora or kind == "cuda":
+        return
+    # Measured with bitsandbytes 0.50 / PEFT 0.21 on CPU: DoRA's weight-norm pass leaves the 8-bit layer's state
+    # half-built and the second forward pass fails inside int8_mm_dequant. 4-bit DoRA trains fine there.
+    raise InputError(
+        f"lora.use_dora: DoRA on an 8-bit base (quantization.bits: 8) does not train on {kind} with "
+        f"bitsandbytes {_bitsandbytes().__version__}.",
+        hint="Use quantization.bits: 4 with DoRA, or set lora.use_dora: false to keep 8-bit.")
+
+
+def quantization_config(section: QuantizationSection):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    _bitsandbytes()  # fail here, by name, rather than deep inside from_pretrained
     compute = getattr(torch, section.compute_dtype)
     if section.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -95,6 +156,8 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
     import torch
     from transformers import AutoModelForCausalLM
 
+    if quantization:
+        check_quantization(quantization)
     dtype = quantization.compute_dtype if quantization else section.dtype
     model = AutoModelForCausalLM.from_pretrained(
         folder.path,
@@ -110,8 +173,20 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
     if quantization:
         from peft import prepare_model_for_kbit_training
 
+        _keep_cpu_4bit_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a 4-bit weight for a faster kernel the first time the
+    layer runs in eval mode (msov evaluates before training), and never unpacks it: from then on the layer runs
+    through `gemv_4bit`, which has no autograd, so no gradient flows through the frozen base and LoRA layers
+    below it silently stop learning. Turning the repacking off keeps the differentiable path (found by comparing
+    gradients with and without an eval pass; tests/test_qlora.py checks it)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(section: LoraSection):
@@ -132,6 +207,8 @@ def lora_config(section: LoraSection):
 def attach_lora(model, section: LoraSection):
     from peft import get_peft_model
 
+    if getattr(model, "is_loaded_in_8bit", False):
+        _refuse_dora_on_8bit(section, next(model.parameters()).device.type)
     try:
         return get_peft_model(model, lora_config(section))
     except ValueError as exc:
@@ -141,6 +218,9 @@ def attach_lora(model, section: LoraSection):
 
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameters."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        # PEFT counts a packed 4-bit weight as the parameters it holds, not as its uint8 storage elements.
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
