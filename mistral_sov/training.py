@@ -23,7 +23,58 @@ def make_collator(tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
 
-def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: bool):
+def make_train_collator(tokenizer, *, packing: bool, max_seq_len: int, attn_implementation: str | None = None):
+    """Packed, padding-free batches when `packing` (see data/packing.py), else padding to the longest row."""
+    if not packing:
+        return make_collator(tokenizer)
+    from .data.packing import PackingCollator
+
+    # flash-attention separates packed rows only in a single flattened sequence; SDPA and eager take bins.
+    flatten = (attn_implementation or "").startswith("flash_attention")
+    return PackingCollator(pad_token_id=tokenizer.pad_token_id, max_seq_len=max_seq_len, flatten=flatten)
+
+
+def supervised_logits(model, batch: dict):
+    """Logits at the positions whose next token is supervised, and those next tokens.
+
+    The LM head and the loss run only where a label is not -100: for chat data most positions are prompt,
+    and with a large vocabulary the LM head is a large share of a small model's compute.
+    `use_cache=False` is not an optimisation: with a cache, transformers ignores restarting `position_ids`
+    and packed rows attend to one another (tests/test_packing.py checks both).
+    """
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
+    keep = targets != -100
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if _slices_logits(model):
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+    else:
+        outputs = model(**inputs, use_cache=False)
+        outputs.logits = outputs.logits[keep]
+    return outputs, targets[keep]
+
+
+def _slices_logits(model) -> bool:
+    """Every causal LM of transformers 5 takes `logits_to_keep` (a boolean mask included); remote code may not."""
+    import inspect
+
+    for wrapper in ("_orig_mod", "module"):  # torch.compile, DDP
+        model = getattr(model, wrapper, model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def supervised_token_losses(model, batch: dict):
+    """Cross-entropy of every supervised token of `batch`, in row-major order (fp32 whatever the model dtype)."""
+    import torch.nn.functional as F
+
+    outputs, targets = supervised_logits(model, batch)
+    return F.cross_entropy(outputs.logits.float(), targets, reduction="none")
+
+
+def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: bool, packing: bool = True):
     import torch
     from transformers import TrainingArguments
 
@@ -67,6 +118,11 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
         dataloader_num_workers=0,
         dataloader_pin_memory=on_cuda,
         include_num_input_tokens_seen="all",
+        # Without packing, rows of like length share a batch so less of it is padding; a packed batch has none.
+        train_sampling_strategy="group_by_length" if (train.group_by_length and not packing) else "random",
+        torch_compile=train.torch_compile,
+        prediction_loss_only=True,  # the Trainer's own evaluation keeps the loss only (logits are sliced)
+        use_cache=False,  # the Trainer writes this into model.config; a cache would unpack packed rows
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward pass
     )
 
@@ -132,17 +188,52 @@ def _callbacks(metrics_file: Path, on_event: EventSink):
     return [MetricsAndProgress()]
 
 
-def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSection, work_dir: Path,
-                  on_event: EventSink):
-    from transformers import PrinterCallback, Trainer
+def _trainer_class():
+    from transformers import Trainer
 
-    args = training_arguments(train, work_dir / "checkpoints", has_eval=eval_dataset is not None)
-    trainer = Trainer(
+    class SupervisedTrainer(Trainer):
+        """The Trainer, with the loss computed only at supervised positions (see `supervised_logits`)."""
+
+        # The loss below is divided by the supervised tokens of the whole accumulated batch, as HF's own is.
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Makes the Trainer count `num_items_in_batch` (supervised tokens over accumulation and ranks).
+            self.model_accepts_loss_kwargs = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch.nn.functional as F
+
+            outputs, targets = supervised_logits(model, inputs)
+            loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+            if num_items_in_batch is None:
+                loss = loss / max(targets.numel(), 1)
+                if model.training:  # not normalised over the accumulated batch (training_step leaves it as is)
+                    loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
+            else:
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    # num_items_in_batch counts every rank's tokens and DDP averages gradients over ranks.
+                    loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return SupervisedTrainer
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSection, work_dir: Path,
+                  on_event: EventSink, *, packing: bool = True):
+    from transformers import PrinterCallback
+
+    args = training_arguments(train, work_dir / "checkpoints", has_eval=eval_dataset is not None, packing=packing)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer),
+        data_collator=make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
+                                          attn_implementation=attn),
         processing_class=tokenizer,
         callbacks=_callbacks(work_dir / "metrics.jsonl", on_event),
     )
