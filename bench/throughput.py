@@ -17,8 +17,8 @@ tokens and the same number of optimizer steps. Arms:
 Each arm runs in its own process (so its peak RSS is its own) and the arms take turns step by step: on a shared
 machine every arm sees the same background load. Each arm's clock runs only during its own turns.
 
-Reported: supervised tokens/s (label != -100) per arm and the ratio to the baseline, the share of the baseline's
-batch that was padding, peak RSS, the mean training loss over the whole epoch and over its last 20% of steps,
+Reported: supervised tokens/s (label != -100) per arm and the ratio to the baseline, the share of each arm's
+batches that was padding, peak RSS, the mean training loss over the whole epoch and over its last 20% of steps,
 and model FLOPs utilisation against a float32 matrix-multiply peak measured in the same run. Model FLOPs are the
 work a step cannot avoid: frozen weights 4 FLOPs per parameter per token (forward + input gradient), LoRA weights
 6, the LM head only at supervised positions, causal attention within each row, no padding.
@@ -131,10 +131,12 @@ def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:
 # --- the arms ----------------------------------------------------------------------------------------------------
 
 
-def _lora(peft_config_cls):
+def _lora(peft_config_cls, dropout: float | None = None):
     from mistral_sov.recipe import LoraSection
 
     section = LoraSection()  # msov's defaults, for every arm
+    if dropout is not None:
+        section.dropout = dropout
     return peft_config_cls(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
                            target_modules=section.target_modules, task_type="CAUSAL_LM")
 
@@ -148,10 +150,11 @@ def _args_common(args, out: Path) -> dict:
 def build_baseline(work: Path, args, dataset, tokenizer):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
+    set_seed(args.seed)  # the same LoRA initialisation in every arm
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
-    model = get_peft_model(model, _lora(LoraConfig))
+    model = get_peft_model(model, _lora(LoraConfig, args.lora_dropout))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     return Trainer(model=model, args=TrainingArguments(**_args_common(args, work / "out-baseline")),
                    train_dataset=dataset, data_collator=collator, processing_class=tokenizer)
@@ -170,9 +173,12 @@ def build_msov(work: Path, args, dataset, tokenizer):
     from mistral_sov.modeling import attach_lora, inspect_model_folder, load_model
     from mistral_sov.recipe import LoraSection, ModelSection, TrainSection
     from mistral_sov.training import build_trainer
+    from transformers import set_seed
 
+    set_seed(args.seed)  # as `msov finetune` does before loading the model
     folder = inspect_model_folder(str(work / "model"))
-    model = attach_lora(load_model(folder, ModelSection(path=str(folder.path))), LoraSection())
+    lora = LoraSection() if args.lora_dropout is None else LoraSection(dropout=args.lora_dropout)
+    model = attach_lora(load_model(folder, ModelSection(path=str(folder.path))), lora)
     train = TrainSection(batch_size=args.batch_size, lr=args.lr, max_seq_len=args.max_seq_len, seed=args.seed,
                          logging_steps=1, save_steps=10 ** 9)
     (work / "out-msov").mkdir(exist_ok=True)
@@ -184,7 +190,7 @@ def build_trl(work: Path, args, dataset, tokenizer):
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from mistral_sov.data import render_prompt
@@ -196,11 +202,12 @@ def build_trl(work: Path, args, dataset, tokenizer):
         prompt = render_prompt(row["messages"][:-1], tokenizer)
         full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
         pairs.append({"prompt": prompt, "completion": full[len(prompt):]})
+    set_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     # TRL's defaults, except float32 like every other arm (its default on CPU is bf16 autocast, other numbers).
     config = SFTConfig(**_args_common(args, work / "out-trl"), max_length=args.max_seq_len, bf16=False)
     return SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(pairs),
-                      processing_class=tokenizer, peft_config=_lora(LoraConfig))
+                      processing_class=tokenizer, peft_config=_lora(LoraConfig, args.lora_dropout))
 
 
 BUILDERS = {"baseline": build_baseline, "trl": build_trl, "packing_only": build_packing_only, "msov": build_msov}
@@ -299,11 +306,14 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=32768, help="Mistral's vocabulary size")
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora-dropout", type=float, default=None,
+                        help="default: msov's (0.05); 0 makes packed and padded runs step-for-step identical")
     parser.add_argument("--arms", default="baseline,trl,msov", help="comma-separated: " + ", ".join(BUILDERS))
     parser.add_argument("--msov-no-packing", action="store_true", help="msov arm without packing (ablation)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per arm (and for the matmul peak); 0: torch's default. On a machine "
-                             "shared with other jobs, 1 keeps descheduled threads from stalling every op")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per arm and for the matmul peak (0: torch's default). 1 by default: "
+                             "the arms alternate anyway, and on a machine shared with other jobs a descheduled "
+                             "thread stalls every multi-threaded op, which distorts the ratios")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
