@@ -224,10 +224,26 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         summary["adapter_digest"] = signed["subject_digest"]
     else:
         summary["adapter_digest"] = describe_folder(work_dir / "adapter")["subject_digest"]
+    summary["loss_plot"] = _loss_plot(work_dir, out_dir, summary, on_event)
     (work_dir / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     _publish(work_dir, out_dir)
     return summary
+
+
+def _loss_plot(work_dir: Path, out_dir: Path, summary: dict, on_event: EventSink) -> str | None:
+    """loss.png beside run.json. A picture is not worth a finished run: failing to draw it is a warning."""
+    from .loss_plot import write_loss_plot
+
+    evals = summary["eval"]
+    try:
+        write_loss_plot(work_dir / "loss.png", _read_metrics(work_dir / "metrics.jsonl"),
+                        eval_before=(evals["before"] or {}).get("loss"), eval_after=(evals["after"] or {}).get("loss"),
+                        final_step=summary["train"]["steps"], title=f"{summary['name']}: loss and learning rate")
+    except Exception as exc:  # noqa: BLE001 - matplotlib can fail in many ways (fonts, cache dir); none matter here
+        on_event("warning", {"text": f"loss.png was not drawn: {type(exc).__name__}: {exc}"})
+        return None
+    return str(out_dir / "loss.png")
 
 
 def _trainable_digest(model) -> str:

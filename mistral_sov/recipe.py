@@ -98,6 +98,8 @@ class TrainSection(_Strict):
     eval_steps: Optional[int] = Field(None, gt=0, description="evaluate every N steps; default: at the end")
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to <output.dir>/tensorboard/ "
+                              "(local files only; view with `tensorboard --logdir`)")
 
 
 class OutputSection(_Strict):

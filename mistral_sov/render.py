@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -90,6 +92,10 @@ def print_run_summary(console: Console, summary: dict, *, demo: bool = False) ->
         console.print(f"  reference: {escape(sample['reference'])}")
     console.print(f"run folder     {escape(summary['run_dir'])}")
     console.print(f"adapter        {escape(summary['adapter_dir'])}  (PeftModel.from_pretrained loads it)")
+    if summary.get("loss_plot"):
+        console.print(f"loss plot      {escape(summary['loss_plot'])}")
+    if (Path(summary["run_dir"]) / "tensorboard").is_dir():
+        console.print(f"tensorboard    tensorboard --logdir {escape(str(Path(summary['run_dir']) / 'tensorboard'))}")
     wall = summary.get("demo_wall_time_s") if demo else summary["wall_time_s"]
     console.print(f"time           {wall:.1f} s")
 

@@ -188,6 +188,15 @@ def _callbacks(metrics_file: Path, on_event: EventSink):
     return [MetricsAndProgress()]
 
 
+def tensorboard_callback(log_dir: Path):
+    """transformers' own TensorBoard callback, writing to `log_dir` on rank 0 (local event files, no server)."""
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(log_dir)
+    return callback
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -235,7 +244,8 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSec
         data_collator=make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
                                           attn_implementation=attn),
         processing_class=tokenizer,
-        callbacks=_callbacks(work_dir / "metrics.jsonl", on_event),
+        callbacks=_callbacks(work_dir / "metrics.jsonl", on_event)
+        + ([tensorboard_callback(work_dir / "tensorboard")] if train.tensorboard else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the CLI renders progress instead
     return trainer

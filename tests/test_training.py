@@ -32,7 +32,7 @@ def test_loss_falls_by_at_least_30_percent(finished_run):
 
 def test_run_folder_contents(finished_run):
     summary, out, events = finished_run
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.jsonl", "recipe.yaml", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "recipe.yaml", "run.json"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(out.rglob("*.bin"))
     run = json.loads((out / "run.json").read_text())

@@ -1,0 +1,75 @@
+"""loss.png: training and held-out loss against step, with the learning rate on a second axis.
+
+Drawn from metrics.jsonl (one line per logging step) plus the held-out loss msov measures before and after
+training, so the picture and the numbers in run.json can never disagree. matplotlib's object API with the Agg
+canvas: no pyplot global state, no display needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TRAIN_COLOUR, EVAL_COLOUR, LR_COLOUR = "#1f77b4", "#d62728", "#7f7f7f"
+
+
+def loss_series(records: list[dict], eval_before: float | None = None, eval_after: float | None = None,
+                final_step: int | None = None) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs for train loss, held-out loss and learning rate, in step order."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    lr = [(r["step"], r["learning_rate"]) for r in records if "learning_rate" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if eval_before is not None:
+        held_out.append((0, eval_before))
+    if eval_after is not None:
+        last = final_step if final_step is not None else max((s for s, _ in train + held_out), default=0)
+        if not any(step == last for step, _ in held_out):  # the Trainer may already have evaluated there
+            held_out.append((last, eval_after))
+    return {"train": sorted(train), "eval": sorted(held_out), "lr": sorted(lr)}
+
+
+def loss_figure(series: dict[str, list[tuple[int, float]]], title: str = ""):
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    loss_axis = figure.add_subplot()
+    if series["train"]:
+        steps, values = zip(*series["train"])
+        loss_axis.plot(steps, values, color=TRAIN_COLOUR, marker="." if len(steps) < 40 else None,
+                       label="train loss")
+    if series["eval"]:
+        steps, values = zip(*series["eval"])
+        loss_axis.plot(steps, values, color=EVAL_COLOUR, marker="o", linestyle="--", label="held-out loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_axis.set_ylabel("loss (cross-entropy per supervised token)")
+    loss_axis.grid(alpha=0.3)
+    handles, labels = loss_axis.get_legend_handles_labels()
+    if series["lr"]:
+        lr_axis = loss_axis.twinx()
+        steps, values = zip(*series["lr"])
+        lr_axis.plot(steps, values, color=LR_COLOUR, linewidth=1, alpha=0.8, label="learning rate")
+        lr_axis.set_ylabel("learning rate", color=LR_COLOUR)
+        lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        more_handles, more_labels = lr_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    if handles:
+        loss_axis.legend(handles, labels, loc="upper right")
+    loss_axis.set_title(title or "loss")
+    return figure
+
+
+def write_loss_plot(path: Path, records: list[dict], *, eval_before: float | None = None,
+                    eval_after: float | None = None, final_step: int | None = None, title: str = "") -> Path:
+    """Draw and write the PNG atomically (a temp name, then a rename)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = loss_figure(loss_series(records, eval_before, eval_after, final_step), title)
+    FigureCanvasAgg(figure)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # No "Software" stamp: the picture of the same run is the same bytes, whatever matplotlib drew it.
+    figure.savefig(tmp, format="png", metadata={"Software": None})
+    os.replace(tmp, path)
+    return path
