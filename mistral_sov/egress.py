@@ -2,9 +2,10 @@
 
 Setting HF_HUB_OFFLINE covers the libraries we know; the guard covers the ones we do not (a new dependency, a
 telemetry ping, a kernel hub lookup). It wraps the socket layer every Python network client goes through:
-`socket.connect`/`connect_ex`, `create_connection` and `getaddrinfo`. Loopback, Unix sockets and the
-distributed rendezvous address (MASTER_ADDR, for multi-process runs) are allowed; anything else raises
-EgressRefused (exit 5) naming the module that tried, and is counted.
+`socket.connect`/`connect_ex`, `create_connection` and `getaddrinfo`. Loopback and Unix sockets are allowed
+(they do not leave the machine). A multi-node run may also reach exactly its rendezvous endpoint,
+MASTER_ADDR:MASTER_PORT as the launcher set them (and look up that name and this machine's own), and no other
+port or host. Anything else raises EgressRefused (exit 5) naming the module that tried, and is counted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class EgressRefused(EnvironmentRefused):
 
 @dataclass
 class GuardState:
-    allowed_hosts: set[str] = field(default_factory=set)
+    allowed_hosts: set[str] = field(default_factory=set)  # names that may be looked up (DNS)
+    allowed_endpoints: set[tuple[str, int]] = field(default_factory=set)  # (host, port) that may be connected to
+    resolved: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # endpoint name -> its addresses
     attempts: list[str] = field(default_factory=list)  # every refused destination, for tests and reports
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -55,11 +58,45 @@ def _is_loopback(host) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
-def _allowed(host) -> bool:
+def _name(host) -> str:
+    return (host.decode() if isinstance(host, bytes) else str(host)).strip("[]").lower()
+
+
+def _allowed_lookup(host) -> bool:
+    # An address literal needs no lookup (nothing is sent); the connect that follows is what gets checked.
+    return _is_loopback(host) or _is_address(host) or (_state is not None and _name(host) in _state.allowed_hosts)
+
+
+def _is_address(host) -> bool:
+    try:
+        ipaddress.ip_address(_name(host).split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _allowed_connect(address) -> bool:
+    host = _destination(address)
     if _is_loopback(host):
         return True
-    name = host.decode() if isinstance(host, bytes) else str(host)
-    return _state is not None and name.strip("[]").lower() in _state.allowed_hosts
+    if _state is None or not isinstance(address, tuple) or len(address) < 2:
+        return False
+    destination = (_name(host), int(address[1]))
+    return any(destination[1] == endpoint[1]
+               and (destination[0] == endpoint[0] or destination[0] in _endpoint_addresses(endpoint))
+               for endpoint in _state.allowed_endpoints)
+
+
+def _endpoint_addresses(endpoint: tuple[str, int]) -> set[str]:
+    """The addresses the rendezvous name stands for, looked up once (the lookup of that name is allowed)."""
+    with _state.lock:
+        if endpoint not in _state.resolved:
+            try:
+                infos = _original["getaddrinfo"](endpoint[0], endpoint[1], type=socket.SOCK_STREAM)
+                _state.resolved[endpoint] = {info[4][0].lower() for info in infos}
+            except OSError:
+                _state.resolved[endpoint] = set()
+        return _state.resolved[endpoint]
 
 
 def _caller() -> str:
@@ -81,7 +118,7 @@ def _refuse(what: str) -> None:
         f"network access refused: {caller} tried to reach {what}. msov runs offline; nothing may leave this "
         "machine during a run.",
         hint="If a library needs the network for this, it is not usable with msov as configured; report it. "
-        "Multi-node runs may reach only the rendezvous address (MASTER_ADDR).",
+        "Multi-node runs may reach only the rendezvous endpoint (MASTER_ADDR:MASTER_PORT).",
     )
 
 
@@ -92,28 +129,37 @@ def _destination(address) -> object:
 
 
 def _guarded_connect(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and not _allowed(_destination(address)):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _allowed_connect(address):
         _refuse(f"{address!r}")
     return _original["connect"](self, address)
 
 
 def _guarded_connect_ex(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and not _allowed(_destination(address)):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _allowed_connect(address):
         _refuse(f"{address!r}")
     return _original["connect_ex"](self, address)
 
 
 def _guarded_getaddrinfo(host, *args, **kwargs):
-    if not _allowed(host):
+    if not _allowed_lookup(host):
         _refuse(f"DNS lookup of {host!r}")
     return _original["getaddrinfo"](host, *args, **kwargs)
 
 
 def rendezvous_hosts() -> set[str]:
-    """This machine's name and the address a multi-process launcher told us to use (MASTER_ADDR)."""
+    """Names that may be looked up: this machine's own and the rendezvous host a launcher set (MASTER_ADDR)."""
     hosts = {socket.gethostname().lower()}  # this machine's own name (launchers look it up; /etc/hosts answers)
-    host = os.environ.get("MASTER_ADDR", "").strip().lower()
+    host = os.environ.get("MASTER_ADDR", "").strip().strip("[]").lower()
     return hosts | ({host} if host else set())
+
+
+def rendezvous_endpoint() -> tuple[str, int] | None:
+    """MASTER_ADDR:MASTER_PORT, the one remote endpoint a multi-node run may connect to; None when not set."""
+    host = os.environ.get("MASTER_ADDR", "").strip().strip("[]").lower()
+    port = os.environ.get("MASTER_PORT", "").strip()
+    if not host or not port.isdigit():
+        return None
+    return host, int(port)
 
 
 def install(allowed_hosts: set[str] | None = None) -> GuardState:
@@ -127,6 +173,9 @@ def install(allowed_hosts: set[str] | None = None) -> GuardState:
         socket.getaddrinfo = _guarded_getaddrinfo
         _state = GuardState()
     _state.allowed_hosts |= {h.lower() for h in (allowed_hosts or set()) | rendezvous_hosts()}
+    endpoint = rendezvous_endpoint()
+    if endpoint is not None:
+        _state.allowed_endpoints.add(endpoint)
     return _state
 
 

@@ -36,14 +36,40 @@ def test_loopback_and_rendezvous_are_allowed(monkeypatch):
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "10.9.8.7")
+    monkeypatch.setenv("MASTER_PORT", "29555")
     with egress_guard() as guard:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         socket.create_connection(("localhost", port), timeout=1).close()
-        assert "10.9.8.7" in guard.allowed_hosts
+        assert "10.9.8.7" in guard.allowed_hosts and guard.allowed_endpoints == {("10.9.8.7", 29555)}
     server.close()
     assert guard.attempts == []
     # the guard is gone after the block
     assert socket.socket.connect.__name__ == "connect"
+
+
+def test_rendezvous_allows_exactly_its_address_and_port(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.10")  # TEST-NET-1: nothing answers there
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    with egress_guard() as guard:
+        probe = socket.socket()
+        probe.setblocking(False)
+        # Let through: the socket layer answers (an errno: in progress or unreachable), not the guard.
+        assert isinstance(probe.connect_ex(("192.0.2.10", 29555)), int)
+        probe.close()
+        assert guard.attempts == []
+        for refused in [("192.0.2.10", 29556), ("192.0.2.11", 29555), ("192.0.2.10", 22)]:
+            with pytest.raises(EgressRefused, match="tried to reach \\('192.0.2.1"):
+                socket.create_connection(refused, timeout=0.5)
+    assert len(guard.attempts) == 3
+
+
+def test_without_master_port_the_rendezvous_host_is_not_reachable(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.10")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with egress_guard() as guard:
+        with pytest.raises(EgressRefused):
+            socket.create_connection(("192.0.2.10", 29500), timeout=0.5)
+    assert guard.allowed_endpoints == set()
 
 
 def test_cli_renders_refusal_with_exit_5():
