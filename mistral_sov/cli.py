@@ -40,7 +40,14 @@ def _console(stderr: bool = True):
 def _fail(exc: BaseException, code: int, as_json: bool, hint: str | None = None) -> None:
     from rich.markup import escape
 
+    from .ranks import rank, tell_launcher, world_size
+
+    if getattr(exc, "quiet", False) and not _state["debug"]:  # another rank failed first and reports it
+        raise typer.Exit(code)
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    if rank() > 0:  # a failure of this rank alone (rank 0 would have reported one all ranks agreed on)
+        message = f"rank {rank()} of {world_size()}: {message}"
+    tell_launcher(message)
     if as_json:
         print(json.dumps({"status": "error", "exit_code": code, "error": message, "hint": hint}))
     console = _console()
@@ -77,6 +84,10 @@ def command(group: typer.Typer = app, name: str | None = None) -> Callable:
                 _fail(RuntimeError(f"{exc.strerror or exc}{where}"), 1, as_json,
                       "nothing unfinished was published; fix the cause and run the command again")
             except Exception as exc:  # noqa: BLE001 - the last line of defence renders, never hides
+                from .ranks import StoppedWithPeers, is_peer_failure
+
+                if is_peer_failure(exc):  # the rank that failed first says why; this one only stops
+                    _fail(StoppedWithPeers(f"stopped: another rank failed ({exc})", 1), 1, as_json)
                 _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1, as_json)
 
         return group.command(name)(wrapper)

@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from .errors import InputError, Interrupted
 from .offline import enforce_offline_env
+from .ranks import all_ranks_agree
 from .recipe import Recipe, load_recipe
 from .training import EventSink, is_main_process
 
@@ -109,15 +110,19 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     out_dir = Path(recipe.output.dir)
     work_dir = out_dir.with_name(out_dir.name + ".partial")
     main = is_main_process()
-    checkpoint = _check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
     sign_key = sign_key or recipe.output.sign_key  # the --sign-key flag wins over the recipe
-    if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
-        from .signing import check_signing_key
 
-        check_signing_key(Path(sign_key), outside=(out_dir, work_dir))
+    def check_everything():
+        checkpoint = _check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
+        if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
+            from .signing import check_signing_key
 
-    # 2. model folder, data and tokens (all input errors surface here, before anything is written)
-    prepared = prepare_inputs(recipe, on_event)
+            check_signing_key(Path(sign_key), outside=(out_dir, work_dir))
+        # 2. model folder, data and tokens (all input errors surface here, before anything is written)
+        return checkpoint, prepare_inputs(recipe, on_event)
+
+    # Every rank checks its own inputs; if any rank fails, all stop now and rank 0 says why, once.
+    checkpoint, prepared = all_ranks_agree(check_everything)
     if checkpoint is None and main:
         shutil.rmtree(work_dir, ignore_errors=True)  # only an unfinished run the user chose to --overwrite
         work_dir.mkdir(parents=True)

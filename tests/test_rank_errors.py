@@ -1,0 +1,106 @@
+"""An error on one rank stops every rank, with one message (torchrun, 2 processes, gloo on CPU)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import small_recipe
+from mistral_sov.errors import InputError
+from mistral_sov.ranks import all_ranks_agree, is_peer_failure
+
+# Rank 0 and the other ranks may get different recipes: a multi-node run where one node cannot read the data.
+PER_RANK = """
+import os, sys
+from mistral_sov.cli import app
+recipe = sys.argv[1] if os.environ["RANK"] == "0" else sys.argv[2]
+app(["finetune", recipe])
+"""
+
+# A failure inside training on rank 1 only, after the ranks agreed the inputs were fine.
+FAIL_IN_TRAINING = """
+import os, sys
+import mistral_sov.training as training
+from transformers import TrainerCallback
+
+class FailOnRankOne(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2 and os.environ["RANK"] == "1":
+            raise RuntimeError("simulated failure on one rank")
+
+original = training._callbacks
+training._callbacks = lambda *a, **k: original(*a, **k) + [FailOnRankOne()]
+from mistral_sov.cli import app
+app(["finetune", sys.argv[1]])
+"""
+
+
+def torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    path = Path(sys.executable).with_name("torchrun")
+    if not path.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.run([str(path), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(port), str(script), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def msov_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_one_process_runs_the_check_as_is(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert all_ranks_agree(lambda: 42) == 42
+    with pytest.raises(InputError, match="bad"):
+        all_ranks_agree(lambda: (_ for _ in ()).throw(InputError("bad")))
+
+
+def test_peer_failures_are_recognised_only_in_multi_process_runs(monkeypatch):
+    gone = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:44459")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert is_peer_failure(gone) and not is_peer_failure(RuntimeError("CUDA out of memory"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not is_peer_failure(gone)
+
+
+def test_bad_input_on_every_rank_is_reported_once(tiny_model, tmp_path):
+    bad = small_recipe(tiny_model, tmp_path / "out")
+    bad["data"]["train"][0]["path"] = str(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    (tmp_path / "run.py").write_text(PER_RANK)
+    done = torchrun(tmp_path / "run.py", str(tmp_path / "bad.yaml"), str(tmp_path / "bad.yaml"))
+    assert done.returncode != 0
+    assert msov_errors(done.stderr) == [f"error: {tmp_path / 'missing.jsonl'}: no such data file"], done.stderr
+    assert "msov: " in done.stderr  # torchrun's failure summary carries our message, not "<N/A>"
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_bad_input_on_one_rank_stops_both_and_names_the_rank(tiny_model, tmp_path):
+    good = small_recipe(tiny_model, tmp_path / "out", max_steps=2)
+    bad = {**good, "data": {**good["data"], "train": [{"path": str(tmp_path / "missing.jsonl"), "format": "chat"}]}}
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    (tmp_path / "run.py").write_text(PER_RANK)
+    done = torchrun(tmp_path / "run.py", str(tmp_path / "good.yaml"), str(tmp_path / "bad.yaml"))
+    assert done.returncode != 0
+    errors = msov_errors(done.stderr)
+    assert errors == [f"error: rank 1 of 2: {tmp_path / 'missing.jsonl'}: no such data file"], done.stderr
+    assert not list(tmp_path.glob("out*"))  # rank 0 stopped before creating anything
+
+
+def test_failure_during_training_on_one_rank_stops_all_with_one_message(tiny_model, tmp_path):
+    recipe = small_recipe(tiny_model, tmp_path / "out", max_steps=50, batch_size=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "run.py").write_text(FAIL_IN_TRAINING)
+    done = torchrun(tmp_path / "run.py", str(tmp_path / "r.yaml"))
+    assert done.returncode != 0
+    errors = msov_errors(done.stderr)
+    assert errors == ["error: rank 1 of 2: unexpected RuntimeError: simulated failure on one rank"], done.stderr
+    assert not (tmp_path / "out").exists()  # nothing published; the unfinished run can be resumed
