@@ -27,11 +27,14 @@ BUILDER_ID = "urn:msov:builder:local"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def write_provenance(folder: Path, run: dict, *, weight_digests: dict[str, str] | None = None) -> Path:
+def write_provenance(folder: Path, run: dict, *, weight_digests: dict[str, str] | None = None,
+                     export: dict | None = None) -> Path:
     """Write FOLDER/msov/provenance.json (atomically) from a run.json-like summary.
 
     `run` may also carry "recipe" (the resolved recipe as a dict) and "hardware"; hardware defaults to this
     machine. `weight_digests` ({relative name: sha256}) spares hashing the weights again when the caller has them.
+    `export` (how an export made the weights: what was merged, into which base, in which dtype) is recorded as
+    externalParameters.export.
     """
     folder = Path(folder)
     if weight_digests is None:
@@ -54,6 +57,7 @@ def write_provenance(folder: Path, run: dict, *, weight_digests: dict[str, str] 
                     "seed": run.get("seed"),
                     "name": run.get("name"),
                     "base_model": {"path": base.get("path"), "architecture": base.get("architecture")},
+                    **({"export": export} if export is not None else {}),
                 },
                 "internalParameters": {
                     "python": versions.get("python", platform.python_version()),

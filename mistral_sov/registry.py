@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .export import TOKENIZER_FILES, Run, _read_json, base_digest, base_folder, load_run
+from .export import TOKENIZER_FILES, Run, base_digest, base_folder, load_run
+from .merge import read_json as _read_json
 
 REGISTRY_SIG = "model.sig"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

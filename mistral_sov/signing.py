@@ -17,8 +17,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError, UsageError, VerificationError
-from .manifest import (DEFAULT_IGNORE, build_manifest, compare_manifests, hash_files, list_files, subject_digest,
-                       write_atomic)
+from .manifest import DEFAULT_IGNORE, compare_manifests, hash_files, list_files, subject_digest, write_atomic
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -69,11 +68,13 @@ def generate_keypair(base: Path, *, curve: str = "P-256", passphrase: bytes | No
     return private_path, public_path
 
 
-def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None,
-                passphrase: bytes | None = None) -> dict:
+def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, passphrase: bytes | None = None,
+                known: dict[str, str] | None = None) -> dict:
     """Sign every file of `folder`; write the OMS bundle to `sig_path` (default: FOLDER.sig beside it).
 
     The passphrase of an encrypted key, when not given, comes from $MSOV_KEY_PASSPHRASE (never from argv).
+    `known` ({relative name: sha256}) is for a caller that hashed the very bytes it just wrote (the merge): those
+    files are signed without being read again. Verification never trusts it: verify_folder re-hashes every file.
     Returns {"sig", "subject_digest", "files", "key_hint"}.
     """
     folder = Path(folder)
@@ -86,8 +87,13 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None,
     sig_path = Path(sig_path) if sig_path else default_sig_path(folder)
 
     # 1. the manifest: every file, streamed and hashed in parallel (the signature itself when it lies inside)
-    ignore = _ignore_paths(root, sig_path)
-    files = build_manifest(folder, ignore=ignore)
+    ignore, known = _ignore_paths(root, sig_path), known or {}
+    if not all(_HEX64.match(str(d)) for d in known.values()):
+        raise InputError(f"{folder}: a known digest is not a lowercase hex sha256.")
+    listed = list_files(folder, ignore=ignore)
+    todo = [f for f in listed if f.name not in known]
+    digests = {**dict(zip((f.name for f in todo), hash_files([f.path for f in todo]))), **known}
+    files = [{"name": f.name, "digest": digests[f.name], "size": f.size} for f in listed]
     if not files:
         raise InputError(f"{folder}: the folder holds no files to sign.")
     statement = make_statement(root.name, files, ignore)

@@ -19,7 +19,7 @@ import yaml
 
 from conftest import small_recipe
 
-from mistral_sov.export import merge_into, parse_size
+from mistral_sov.merge import merge_into, parse_size
 from mistral_sov.errors import UsageError
 
 MSOV = [sys.executable, "-m", "mistral_sov"]

@@ -53,8 +53,8 @@ def payload_of(sig: Path) -> dict:
 
 def test_finetune_signs_before_publishing_and_records_it(signed_run):
     summary, out, _ = signed_run
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "adapter.sig", "metrics.jsonl", "recipe.yaml",
-                                                     "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "adapter.sig", "loss.png", "metrics.jsonl",
+                                                     "recipe.yaml", "run.json"]
     run = json.loads((out / "run.json").read_text())
     statement = payload_of(out / "adapter.sig")
     assert run["signature"]["path"] == str(out / "adapter.sig")
@@ -356,6 +356,32 @@ def test_signature_inside_the_folder_is_ignored_like_model_signing(run_copy, tmp
     assert "model.sig" not in [r["name"] for r in statement["predicate"]["resources"]]
     report = verify_folder(run / "adapter", public, sig_path=run / "adapter" / "model.sig")
     assert report["subject_digest"] == result["subject_digest"]
+
+
+def test_known_digests_sign_what_a_fresh_hash_signs_and_verify_still_rehashes(run_copy, tmp_path):
+    """`known` digests (the merge's, taken as it wrote each byte) spare reading those files again: the statement is
+    the one a fresh hash gives. A wrong one is not trusted: verify re-hashes every file and names the one that
+    differs."""
+    from mistral_sov.errors import InputError, VerificationError
+
+    run, _ = run_copy
+    folder, weights = run / "adapter", "adapter_model.safetensors"
+    private, public = generate_keypair(tmp_path / "k")
+    fresh = sign_folder(folder, private, sig_path=tmp_path / "fresh.sig")
+    known = sign_folder(folder, private, sig_path=tmp_path / "known.sig",
+                        known={weights: sha256_file(folder / weights), "not/in/the/folder": "0" * 64})
+    assert payload_of(tmp_path / "known.sig") == payload_of(tmp_path / "fresh.sig")
+    assert known == {**fresh, "sig": str(tmp_path / "known.sig")}
+    reports = [verify_folder(folder, public, sig_path=tmp_path / name) for name in ("fresh.sig", "known.sig")]
+    assert [{k: v for k, v in r.items() if k != "sig"} for r in reports] == \
+        [{k: v for k, v in reports[0].items() if k != "sig"}] * 2
+
+    sign_folder(folder, private, sig_path=tmp_path / "wrong.sig", known={weights: "0" * 64})
+    with pytest.raises(VerificationError, match=f"changed: {weights} \\(sha256 000000000000"):
+        verify_folder(folder, public, sig_path=tmp_path / "wrong.sig")
+    with pytest.raises(InputError, match="not a lowercase hex sha256"):
+        sign_folder(folder, private, sig_path=tmp_path / "bad.sig", known={weights: "ABC"})
+    assert not (tmp_path / "bad.sig").exists()
 
 
 # -- hashing --------------------------------------------------------------------------------------------------------
