@@ -320,7 +320,7 @@ def _stage_printer():
 
 def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool, sign_key: str | None = None) -> dict:
     from .finetune import finetune as run_finetune
-    from .training import is_main_process
+    from .ranks import is_main_process
 
     if quiet or not is_main_process():  # one progress bar per run: rank 0's
         return run_finetune(recipe, resume=resume, overwrite=overwrite, on_event=_quiet_events(), sign_key=sign_key)

@@ -19,14 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, Interrupted
+from .errors import Interrupted
 from .offline import enforce_offline_env
-from .ranks import all_ranks_agree
+from .ranks import all_ranks_agree, is_main_process, world_size
 from .recipe import Recipe, load_recipe
-from .training import EventSink, is_main_process
-
-# The signing key changes who vouches for the adapter, not the adapter: a resumed run may be signed differently.
-RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps"), ("output", "sign_key")}
+from .run_folder import check_targets, publish
+from .training import EventSink
 
 
 def _ignore(_kind: str, _payload: dict) -> None:
@@ -57,6 +55,10 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weight
         from .modeling import check_quantization
 
         check_quantization(recipe.quantization, recipe.lora)
+    from .distributed import check_fsdp
+
+    if fsdp_note := check_fsdp(recipe.quantization):  # refuses QLoRA settings FSDP cannot shard
+        on_event("warning", {"text": fsdp_note})
     folder = inspect_model_folder(recipe.model.path, allow_pickle=recipe.model.allow_pickle,
                                   need_weights=need_weights)
     if recipe.model.trust_remote_code:
@@ -113,7 +115,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     sign_key = sign_key or recipe.output.sign_key  # the --sign-key flag wins over the recipe
 
     def check_everything():
-        checkpoint = _check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
+        checkpoint = check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
         if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
             from .signing import check_signing_key
 
@@ -131,6 +133,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     enforce_offline_env()
     from transformers import set_seed
 
+    from .distributed import is_sharded, trained_tensors, whole_root
     from .evaluate import evaluation_loss, generate_reply
     from .manifest import digest_folder
     from .modeling import attach_lora, load_model, parameter_counts
@@ -145,14 +148,16 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     model = attach_lora(base, recipe.lora)
     trainable, total = parameter_counts(model)
 
-    # 4. where we start from: eval loss and a sample answer before training
+    # 4. where we start from: eval loss and a sample answer before training (rank 0's to report; the model is
+    #    not sharded yet, so the other ranks need not wait for it)
     collator = make_collator(prepared.tokenizer)
     sample = _sample_conversation(prepared.eval_files or prepared.train_files)
-    before = after = None
-    if prepared.eval is not None:
+    before = after = sample_before = None
+    if prepared.eval is not None and main:
         on_event("stage", {"text": "evaluating before training"})
         before = evaluation_loss(model, prepared.eval.dataset, collator, batch_size=recipe.train.batch_size)
-    sample_before = generate_reply(model, prepared.tokenizer, sample["prompt"]) if sample else None
+    if sample and main:
+        sample_before = generate_reply(model, prepared.tokenizer, sample["prompt"])
 
     # 5. train (from the latest checkpoint when resuming)
     if main:
@@ -171,19 +176,25 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
                           f"'{work_dir / 'checkpoints'}'.", hint="Continue with the same command plus --resume.")
 
-    # 6. where we ended: eval loss and the same sample after training
+    # 6. where we ended: eval loss and the same sample after training (every rank: under FSDP each forward pass
+    #    gathers the shards of all ranks)
     if prepared.eval is not None:
         on_event("stage", {"text": "evaluating after training"})
         after = evaluation_loss(model, prepared.eval.dataset, collator, batch_size=recipe.train.batch_size)
-    sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"]) if sample else None
+    if sample:
+        with whole_root(trainer.model_wrapped):
+            sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"])
 
-    # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename
-    weights_digest = _trainable_digest(model)
+    # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename; under FSDP the adapter is
+    #    gathered whole from the shards first (every rank takes part), so rank 0 saves all of it
+    sharded = is_sharded(trainer.model_wrapped)
+    adapter = trained_tensors(trainer.model_wrapped if sharded else model)
+    weights_digest = _trainable_digest(adapter)
     if not main:  # the other ranks trained the same adapter; rank 0 alone writes and publishes it
         return {"status": "complete", "rank": int(os.environ.get("RANK", "0")), "name": recipe.name,
                 "trainable_sha256": weights_digest}
     on_event("stage", {"text": "saving adapter"})
-    model.save_pretrained(work_dir / "adapter")
+    model.save_pretrained(work_dir / "adapter", **({"state_dict": adapter} if sharded else {}))
     losses = [r["loss"] for r in _read_metrics(work_dir / "metrics.jsonl") if "loss" in r]
     summary = {
         "status": "complete",
@@ -206,6 +217,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
             "train_loss": output.training_loss,
             "tokens_seen": trainer.state.num_input_tokens_seen,
             "runtime_s": output.metrics.get("train_runtime"),
+            "processes": world_size(),
+            "fsdp": sharded,  # False when accelerate ran an FSDP launch as DDP (on CPU)
         },
         "eval": {"before": before, "after": after},
         "sample": {**sample, "before": sample_before, "after": sample_after} if sample else None,
@@ -232,7 +245,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     summary["loss_plot"] = _loss_plot(work_dir, out_dir, summary, on_event)
     (work_dir / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-    _publish(work_dir, out_dir)
+    publish(work_dir, out_dir)
     return summary
 
 
@@ -251,15 +264,14 @@ def _loss_plot(work_dir: Path, out_dir: Path, summary: dict, on_event: EventSink
     return str(out_dir / "loss.png")
 
 
-def _trainable_digest(model) -> str:
-    """sha256 over the trained (LoRA) tensors in name order: equal on every rank of a correct DDP run."""
+def _trainable_digest(tensors: dict) -> str:
+    """sha256 over the trained (LoRA) tensors in name order: equal on every rank of a correct DDP or FSDP run."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -296,64 +308,6 @@ def _first_ctrl_c_requests(stop: dict):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool, main: bool):
-    """Return the checkpoint to resume from (or None), after refusing anything that would lose work."""
-    from .training import latest_checkpoint
-
-    if not main:  # rank 0 checks and creates; another rank's check would race with rank 0's mkdir
-        return latest_checkpoint(work_dir / "checkpoints") if resume else None
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"output.dir: cannot create '{out_dir.parent}': {exc.strerror}.") from None
-    if not os.access(out_dir.parent, os.W_OK):
-        raise InputError(f"output.dir: '{out_dir.parent}' is not writable (read-only file system or permissions).")
-
-    if out_dir.exists() and not overwrite and not resume:
-        raise InputError(f"output.dir: '{out_dir}' already holds a finished run.",
-                         hint="Pass --overwrite to replace it, or --set output.dir=ANOTHER_DIR.")
-    if resume:
-        checkpoint = latest_checkpoint(work_dir / "checkpoints")
-        if checkpoint is None:
-            raise InputError(f"--resume: no checkpoint found in '{work_dir / 'checkpoints'}'.",
-                             hint="Checkpoints are written every train.save_steps steps of an unfinished run.")
-        _check_same_recipe(recipe, work_dir / "recipe.yaml")
-        return checkpoint
-    if work_dir.exists() and not overwrite:
-        step = latest_checkpoint(work_dir / "checkpoints")
-        raise InputError(f"'{work_dir}' holds an unfinished run"
-                         + (f" (last checkpoint: {step.name})." if step else "."),
-                         hint="Pass --resume to continue it, or --overwrite to discard it.")
-    return None
-
-
-def _check_same_recipe(recipe: Recipe, saved: Path) -> None:
-    """Resuming with a different recipe would silently mix two runs; only the run length may change."""
-    import yaml
-
-    if not saved.is_file():
-        return
-    old = yaml.safe_load(saved.read_text())
-    new = recipe.model_dump(mode="json")
-    changed = [f"{section}.{key}" for section in new if isinstance(new[section], dict)
-               for key in new[section] if (section, key) not in RESUMABLE_FIELDS
-               and old.get(section, {}).get(key) != new[section][key]]
-    if changed:
-        raise InputError(f"--resume: the recipe differs from the unfinished run's ({', '.join(changed)}).",
-                         hint="Resume with the same recipe (only train.epochs / train.max_steps may change).")
-
-
-def _publish(work_dir: Path, out_dir: Path) -> None:
-    """Swap the finished run into place; an older run at the target is removed only after the swap."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(work_dir, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _data_summary(prepared: PreparedData) -> dict:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .distributed import fsdp_requested
 from .errors import DataError, EnvironmentRefused, InputError, ModelFolderError
 from .offline import require_local_model
 from .recipe import LoraSection, ModelSection, QuantizationSection
@@ -147,8 +148,12 @@ def quantization_config(section: QuantizationSection):
     compute = getattr(torch, section.compute_dtype)
     if section.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    # FSDP shards floating-point tensors of one dtype only: under FSDP the packed 4-bit bytes are stored in the
+    # compute dtype (bitsandbytes' FSDP-QLoRA recipe); the values, and so the training, are the same.
+    storage = compute if fsdp_requested() else torch.uint8
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=section.quant_type,
-                              bnb_4bit_use_double_quant=section.double_quant, bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_use_double_quant=section.double_quant, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=storage)
 
 
 def load_model(folder: ModelFolder, section: ModelSection, *, quantization: QuantizationSection | None = None,
@@ -174,7 +179,8 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
         from peft import prepare_model_for_kbit_training
 
         _keep_cpu_4bit_trainable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if not fsdp_requested():  # it casts norms and embeddings to float32: FSDP could not shard the mix
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
 
 

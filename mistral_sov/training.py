@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -125,11 +124,6 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
         use_cache=False,  # the Trainer writes this into model.config; a cache would unpack packed rows
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every forward pass
     )
-
-
-def is_main_process() -> bool:
-    """Under torchrun / accelerate launch every rank runs the same command; only rank 0 writes outputs."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:

@@ -96,4 +96,4 @@ def test_shipped_accelerate_configs_load_in_accelerate(config):
     from accelerate.commands.config.config_args import ClusterConfig
 
     loaded = ClusterConfig.from_yaml_file(str(config))
-    assert loaded.num_processes >= 2 and loaded.mixed_precision == "bf16"
+    assert loaded.num_processes >= 2 and loaded.mixed_precision == ("bf16" if "deepspeed" in config.name else "no")
