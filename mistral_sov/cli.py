@@ -25,6 +25,7 @@ data_app = typer.Typer(help="Check training data before a run: validate, count t
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
+PEER_GRACE_S = 5.0
 
 RecipeArg = typer.Argument(..., exists=False, help="recipe YAML file")
 SetOpt = typer.Option(None, "--set", help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)")
@@ -84,10 +85,16 @@ def command(group: typer.Typer = app, name: str | None = None) -> Callable:
                 _fail(RuntimeError(f"{exc.strerror or exc}{where}"), 1, as_json,
                       "nothing unfinished was published; fix the cause and run the command again")
             except Exception as exc:  # noqa: BLE001 - the last line of defence renders, never hides
-                from .ranks import StoppedWithPeers, is_peer_failure
+                from .ranks import StoppedWithPeers, is_main_process, is_peer_failure
 
-                if is_peer_failure(exc):  # the rank that failed first says why; this one only stops
+                if is_peer_failure(exc) and not is_main_process():  # the rank that failed says why
                     _fail(StoppedWithPeers(f"stopped: another rank failed ({exc})", 1), 1, as_json)
+                if is_peer_failure(exc):
+                    # A launcher on this machine stops rank 0 within moments of a local rank's failure (which that
+                    # rank reported); still running after that, the failed rank was elsewhere or died silently.
+                    time.sleep(PEER_GRACE_S)
+                    _fail(RuntimeError(f"stopped: lost another rank of the run ({exc})"), 1, as_json,
+                          "the first error printed by any rank, or the launcher's summary, says why")
                 _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1, as_json)
 
         return group.command(name)(wrapper)

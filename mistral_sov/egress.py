@@ -2,10 +2,13 @@
 
 Setting HF_HUB_OFFLINE covers the libraries we know; the guard covers the ones we do not (a new dependency, a
 telemetry ping, a kernel hub lookup). It wraps the socket layer every Python network client goes through:
-`socket.connect`/`connect_ex`, `create_connection` and `getaddrinfo`. Loopback and Unix sockets are allowed
-(they do not leave the machine). A multi-node run may also reach exactly its rendezvous endpoint,
-MASTER_ADDR:MASTER_PORT as the launcher set them (and look up that name and this machine's own), and no other
-port or host. Anything else raises EgressRefused (exit 5) naming the module that tried, and is counted.
+`connect`/`connect_ex` (so `create_connection` and every TCP client), `sendto`/`sendmsg` (UDP), and the name
+lookups `getaddrinfo`, `gethostbyname[_ex]`, `gethostbyaddr` and `getnameinfo` (a DNS query is a message too).
+Loopback and Unix sockets are allowed (they do not leave the machine). A multi-node run may also reach exactly
+its rendezvous endpoint, MASTER_ADDR:MASTER_PORT as the launcher set them (and look up that name and this
+machine's own), and no other port or host. Anything else raises EgressRefused (exit 5) naming the module that
+tried, and is counted. Native code (gloo, NCCL) opens its own sockets below Python; for a proof that nothing at
+all leaves, run under `unshare -n` (the tests do).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def _is_loopback(host) -> bool:
 
 
 def _name(host) -> str:
-    return (host.decode() if isinstance(host, bytes) else str(host)).strip("[]").lower()
+    return (host.decode(errors="replace") if isinstance(host, bytes) else str(host)).strip("[]").lower()
 
 
 def _allowed_lookup(host) -> bool:
@@ -128,22 +131,74 @@ def _destination(address) -> object:
     return None  # AF_UNIX path or abstract socket: local by definition
 
 
-def _guarded_connect(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and not _allowed_connect(address):
+def _check_connect(sock, address) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and not _allowed_connect(address):
         _refuse(f"{address!r}")
+
+
+def _guarded_connect(self, address):
+    _check_connect(self, address)
     return _original["connect"](self, address)
 
 
 def _guarded_connect_ex(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and not _allowed_connect(address):
-        _refuse(f"{address!r}")
+    _check_connect(self, address)
     return _original["connect_ex"](self, address)
+
+
+def _guarded_sendto(self, data, *flags_and_address):
+    # UDP needs no connect: each datagram names its destination (sendto(data, address) or (data, flags, address)).
+    _check_connect(self, flags_and_address[-1] if flags_and_address else None)
+    return _original["sendto"](self, data, *flags_and_address)
+
+
+def _guarded_sendmsg(self, buffers, *args, **kwargs):
+    address = kwargs.get("address", args[2] if len(args) > 2 else None)
+    if address is not None:
+        _check_connect(self, address)
+    return _original["sendmsg"](self, buffers, *args, **kwargs)
 
 
 def _guarded_getaddrinfo(host, *args, **kwargs):
     if not _allowed_lookup(host):
         _refuse(f"DNS lookup of {host!r}")
     return _original["getaddrinfo"](host, *args, **kwargs)
+
+
+def _guarded_gethostbyname(host):
+    if not _allowed_lookup(host):
+        _refuse(f"DNS lookup of {host!r}")
+    return _original["gethostbyname"](host)
+
+
+def _guarded_gethostbyname_ex(host):
+    if not _allowed_lookup(host):
+        _refuse(f"DNS lookup of {host!r}")
+    return _original["gethostbyname_ex"](host)
+
+
+def _guarded_gethostbyaddr(host):
+    # A reverse lookup of an address literal is a query too (a PTR record): only local names and addresses.
+    if not (_is_loopback(host) or (_state is not None and _name(host) in _state.allowed_hosts)):
+        _refuse(f"reverse DNS lookup of {host!r}")
+    return _original["gethostbyaddr"](host)
+
+
+def _guarded_getnameinfo(sockaddr, flags):
+    host = _destination(sockaddr)
+    if not (flags & socket.NI_NUMERICHOST or _is_loopback(host)):
+        _refuse(f"reverse DNS lookup of {host!r}")
+    return _original["getnameinfo"](sockaddr, flags)
+
+
+# (owner, attribute, guarded version): every way the standard library sends a packet or resolves a name.
+_GUARDED = [
+    (socket.socket, "connect", _guarded_connect), (socket.socket, "connect_ex", _guarded_connect_ex),
+    (socket.socket, "sendto", _guarded_sendto), (socket.socket, "sendmsg", _guarded_sendmsg),
+    (socket, "getaddrinfo", _guarded_getaddrinfo), (socket, "gethostbyname", _guarded_gethostbyname),
+    (socket, "gethostbyname_ex", _guarded_gethostbyname_ex), (socket, "gethostbyaddr", _guarded_gethostbyaddr),
+    (socket, "getnameinfo", _guarded_getnameinfo),
+]
 
 
 def rendezvous_hosts() -> set[str]:
@@ -166,11 +221,9 @@ def install(allowed_hosts: set[str] | None = None) -> GuardState:
     """Activate the guard for the rest of the process (the CLI does this for every command)."""
     global _state
     if _state is None:
-        _original.update(connect=socket.socket.connect, connect_ex=socket.socket.connect_ex,
-                         getaddrinfo=socket.getaddrinfo)
-        socket.socket.connect = _guarded_connect
-        socket.socket.connect_ex = _guarded_connect_ex
-        socket.getaddrinfo = _guarded_getaddrinfo
+        for owner, name, guarded in _GUARDED:
+            _original[name] = getattr(owner, name)
+            setattr(owner, name, guarded)
         _state = GuardState()
     _state.allowed_hosts |= {h.lower() for h in (allowed_hosts or set()) | rendezvous_hosts()}
     endpoint = rendezvous_endpoint()
@@ -182,9 +235,8 @@ def install(allowed_hosts: set[str] | None = None) -> GuardState:
 def uninstall() -> None:
     global _state
     if _state is not None:
-        socket.socket.connect = _original["connect"]
-        socket.socket.connect_ex = _original["connect_ex"]
-        socket.getaddrinfo = _original["getaddrinfo"]
+        for owner, name, _guarded in _GUARDED:
+            setattr(owner, name, _original[name])
         _state = None
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import timedelta
 from typing import Callable, TypeVar
 
 from .errors import MsovError
 
 T = TypeVar("T")
+DDP_TIMEOUT_S = 1800  # transformers' TrainingArguments.ddp_timeout default
 
 
 def rank() -> int:
@@ -44,20 +46,34 @@ class StoppedWithPeers(MsovError):
         self.exit_code = exit_code
 
 
-def all_ranks_agree(check: Callable[[], T]) -> T:
-    """Run `check` on every rank; raise on every rank if it raised on any (see the module docstring)."""
+def all_ranks_agree(check: Callable[[], T], fingerprint: Callable[[T], object] | None = None) -> T:
+    """Run `check` on every rank; raise on every rank if it raised on any (see the module docstring).
+
+    `fingerprint(result)` says what every rank must have found the same (the recipe, the data digests, the
+    checkpoint to resume from): a rank that differs from rank 0 would train something else or fall out of step.
+    """
     if world_size() <= 1:
         return check()
-    failure, result = None, None
+    failure, result, mark = None, None, None
     try:
         result = check()
+        mark = fingerprint(result) if fingerprint else None
     except MsovError as exc:
-        failure = {"rank": rank(), "exit_code": exc.exit_code, "message": exc.message, "hint": exc.hint,
-                   "kind": type(exc).__name__}
-    outcomes = _all_gather(failure)
-    failures = [f for f in outcomes if f is not None]
+        failure = {"rank": rank(), "exit_code": exc.exit_code, "message": exc.message, "hint": exc.hint}
+    except Exception as exc:  # noqa: BLE001 - an unreadable file on one node must stop the others too
+        failure = {"rank": rank(), "exit_code": 1, "message": f"unexpected {type(exc).__name__}: {exc}",
+                   "hint": None}
+    outcomes = _all_gather({"failure": failure, "fingerprint": mark})
+    failures = [o["failure"] for o in outcomes if o["failure"] is not None]
     if not failures:
-        return result
+        differ = [r for r, o in enumerate(outcomes) if o["fingerprint"] != outcomes[0]["fingerprint"]]
+        if not differ:
+            return result
+        failures = [{"rank": r, "exit_code": 3, "hint": "Every rank must see the same recipe, data files and "
+                     "checkpoints (a shared file system, or identical copies on every node).",
+                     "message": f"found different inputs than rank 0: {outcomes[r]['fingerprint']!r} "
+                                f"instead of {outcomes[0]['fingerprint']!r}"} for r in differ]
+        outcomes = [None] * len(outcomes)  # so the message below names the ranks
     first = min(failures, key=lambda f: f["rank"])
     if not is_main_process():
         raise StoppedWithPeers(f"rank {first['rank']} failed: {first['message']}", first["exit_code"])
@@ -76,24 +92,22 @@ def _all_gather(value) -> list:
     import torch.distributed as dist
     from accelerate import PartialState
 
-    # The same initialisation the Trainer performs (gloo on CPU, NCCL on CUDA); it reuses an existing group.
-    PartialState(cpu=not torch.cuda.is_available())
+    # The same initialisation the Trainer performs (gloo on CPU, NCCL on CUDA, the Trainer's default ddp_timeout):
+    # the Trainer reuses this group, so its timeout is the run's.
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=DDP_TIMEOUT_S))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
 
 
-# What a surviving rank sees when a peer died: the failing rank has already said why.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crash", "Broken pipe",
-              "NCCL communicator was aborted", "ProcessGroupNCCL", "DistNetworkError", "DistBackendError")
+# What a surviving rank sees when a peer died: the failing rank has already said why. Only these texts: a
+# backend error of any other kind (bad NCCL interface, a CUDA fault inside a collective) is every rank's own.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """Is this error on a multi-process run only the echo of another rank's failure (a broken collective)?"""
-    if world_size() <= 1:
-        return False
-    text = f"{type(exc).__name__}: {exc}"
-    return any(marker in text for marker in _PEER_GONE)
+    """Is this error of a multi-process run the echo of another rank's failure (a broken collective)?"""
+    return world_size() > 1 and any(marker in str(exc) for marker in _PEER_GONE)
 
 
 def tell_launcher(message: str) -> None:

@@ -111,3 +111,35 @@ def test_runs_with_no_network_at_all(tiny_model, tmp_path):
                            str(tmp_path / "r.yaml"), "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_udp_and_every_kind_of_name_lookup_are_refused(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.10")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    with egress_guard() as guard:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for send in (lambda: udp.sendto(b"x", ("192.0.2.1", 53)), lambda: udp.sendto(b"x", 0, ("192.0.2.1", 53)),
+                     lambda: udp.sendmsg([b"x"], [], 0, ("192.0.2.1", 53)),
+                     lambda: udp.sendmsg([b"x"], address=("192.0.2.1", 53))):
+            with pytest.raises(EgressRefused, match="192.0.2.1"):
+                send()
+        with pytest.raises(EgressRefused, match="DNS lookup of 'secret.example.com'"):
+            socket.gethostbyname("secret.example.com")
+        with pytest.raises(EgressRefused, match="DNS lookup"):
+            socket.gethostbyname_ex("secret.example.com")
+        with pytest.raises(EgressRefused, match="reverse DNS lookup of '192.0.2.6'"):
+            socket.gethostbyaddr("192.0.2.6")
+        with pytest.raises(EgressRefused, match="reverse DNS lookup"):
+            socket.getnameinfo(("192.0.2.5", 80), 0)
+        with pytest.raises(EgressRefused):  # a non-UTF-8 name is refused, not a UnicodeDecodeError
+            socket.getaddrinfo(b"\xff.example.com", 80)
+        # Local traffic and numeric conversions still work.
+        assert socket.getnameinfo(("192.0.2.5", 80), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0] == "192.0.2.5"
+        loop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        loop.bind(("127.0.0.1", 0))
+        udp.sendto(b"local", loop.getsockname())
+        assert loop.recv(16) == b"local"
+        loop.close()
+        udp.close()
+    assert len(guard.attempts) == 9
+    assert socket.socket.sendto.__name__ == "sendto" and socket.gethostbyname.__name__ == "gethostbyname"

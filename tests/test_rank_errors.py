@@ -11,7 +11,7 @@ import yaml
 
 from conftest import small_recipe
 from mistral_sov.errors import InputError
-from mistral_sov.ranks import all_ranks_agree, is_peer_failure
+from mistral_sov.ranks import StoppedWithPeers, all_ranks_agree, is_peer_failure
 
 # Rank 0 and the other ranks may get different recipes: a multi-node run where one node cannot read the data.
 PER_RANK = """
@@ -66,8 +66,35 @@ def test_peer_failures_are_recognised_only_in_multi_process_runs(monkeypatch):
     gone = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:44459")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert is_peer_failure(gone) and not is_peer_failure(RuntimeError("CUDA out of memory"))
+    assert not is_peer_failure(RuntimeError("NCCL error in ProcessGroupNCCL.cpp: unhandled system error"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not is_peer_failure(gone)
+
+
+def test_any_exception_in_the_checks_stops_all_ranks(monkeypatch):
+    # A PermissionError on one node is not an MsovError; it must still reach the agreement, not skip it.
+    gathered = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr("mistral_sov.ranks._all_gather", lambda value: gathered.append(value) or [value, value])
+    with pytest.raises(Exception, match="unexpected PermissionError: denied") as err:
+        all_ranks_agree(lambda: (_ for _ in ()).throw(PermissionError("denied")))
+    assert err.value.exit_code == 1 and gathered[0]["failure"]["rank"] == 0
+
+
+def test_ranks_that_found_different_inputs_stop(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr("mistral_sov.ranks._all_gather",
+                        lambda value: [value, {"failure": None, "fingerprint": ("recipe-a", None)}])
+    assert all_ranks_agree(lambda: "ok", fingerprint=lambda _: ("recipe-a", None)) == "ok"
+    with pytest.raises(Exception, match="rank 1 of 2: found different inputs than rank 0") as err:
+        all_ranks_agree(lambda: "ok", fingerprint=lambda _: ("recipe-a", "checkpoint-50"))
+    assert err.value.exit_code == 3
+    monkeypatch.setenv("RANK", "1")  # the other ranks stop silently with the same code
+    with pytest.raises(StoppedWithPeers) as quiet:
+        all_ranks_agree(lambda: "ok", fingerprint=lambda _: ("recipe-a", "checkpoint-50"))
+    assert quiet.value.exit_code == 3
 
 
 def test_bad_input_on_every_rank_is_reported_once(tiny_model, tmp_path):
