@@ -32,8 +32,13 @@ def evaluation_loss(model, dataset, collator, *, batch_size: int = 8) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 48) -> str:
-    """Greedy continuation of a conversation: deterministic, so before/after comparisons mean something."""
+def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 48,
+                   synced_gpus: bool = False) -> str:
+    """Greedy continuation of a conversation: deterministic, so before/after comparisons mean something.
+
+    `synced_gpus`: under FSDP every rank must run as many forward passes as the longest (each one gathers
+    shards from all ranks), even if its own reply ended earlier.
+    """
     import torch
 
     from .data import render_prompt
@@ -50,6 +55,7 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
             do_sample=False,
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced_gpus,
         )
     if was_training:
         model.train()

@@ -69,7 +69,11 @@ def write_loss_plot(path: Path, records: list[dict], *, eval_before: float | Non
     FigureCanvasAgg(figure)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # No "Software" stamp: the picture of the same run is the same bytes, whatever matplotlib drew it.
-    figure.savefig(tmp, format="png", metadata={"Software": None})
-    os.replace(tmp, path)
+    try:
+        # No "Software" stamp: the picture of the same run is the same bytes, whatever matplotlib drew it.
+        figure.savefig(tmp, format="png", metadata={"Software": None})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written picture must not travel into the published run
+        raise
     return path

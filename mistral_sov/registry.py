@@ -127,7 +127,7 @@ def folder_digest(folder: Path, *, known: dict[str, str] | None = None, ignore=N
     known = known or {}
     todo = [f for f in files if f.name not in known]
     hashed = dict(zip((f.name for f in todo), hash_files([f.path for f in todo])))
-    return subject_digest(known.get(f.name) or hashed[f.name] for f in files)
+    return subject_digest(known[f.name] if f.name in known else hashed[f.name] for f in files)
 
 
 def list_registry(registry: Path, *, pub: Path | None = None) -> list[dict]:

@@ -27,7 +27,7 @@ PASSPHRASE_ENV = "MSOV_KEY_PASSPHRASE"
 CURVES = {"P-256": "SECP256R1", "P-384": "SECP384R1"}
 # Verification also accepts P-521, which model_signing can produce; each curve signs with its matching hash.
 _HASH_FOR_CURVE = {"secp256r1": "SHA256", "secp384r1": "SHA384", "secp521r1": "SHA512"}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline slips through
 # Files whose presence marks a folder (or one of its parents) as msov output: no private key may be put there.
 _OUTPUT_MARKERS = ("run.json", "msov/provenance.json", "adapter_config.json")
 
@@ -88,7 +88,7 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
 
     # 1. the manifest: every file, streamed and hashed in parallel (the signature itself when it lies inside)
     ignore, known = _ignore_paths(root, sig_path), known or {}
-    if not all(_HEX64.match(str(d)) for d in known.values()):
+    if not all(_HEX64.fullmatch(str(d)) for d in known.values()):
         raise InputError(f"{folder}: a known digest is not a lowercase hex sha256.")
     listed = list_files(folder, ignore=ignore)
     todo = [f for f in listed if f.name not in known]
@@ -225,7 +225,7 @@ def _check_statement(payload: bytes, sig_path: Path, *, allowed_ignore: list[str
     if statement.get("predicateType") != PREDICATE_TYPE:
         raise bad(f"has predicateType {statement.get('predicateType')!r}, expected {PREDICATE_TYPE}")
     subjects, predicate = statement.get("subject"), statement.get("predicate")
-    if not isinstance(subjects, list) or len(subjects) != 1 or not _HEX64.match(str(_get(subjects[0], "digest",
+    if not isinstance(subjects, list) or len(subjects) != 1 or not _HEX64.fullmatch(str(_get(subjects[0], "digest",
                                                                                           "sha256"))):
         raise bad("must have exactly one subject with a sha256 digest")
     if not isinstance(predicate, dict) or set(predicate) != {"serialization", "resources"}:
@@ -248,7 +248,7 @@ def _check_statement(payload: bytes, sig_path: Path, *, allowed_ignore: list[str
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str) or not _safe_name(name):
             raise bad(f"lists a path that is not a plain relative path inside the folder: {name!r}")
-        if item.get("algorithm") != "sha256" or not _HEX64.match(str(item.get("digest", ""))):
+        if item.get("algorithm") != "sha256" or not _HEX64.fullmatch(str(item.get("digest", ""))):
             raise bad(f"lists {name} without a sha256 digest")
         if name in seen:
             raise bad(f"lists {name} twice")
