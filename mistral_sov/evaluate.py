@@ -33,11 +33,11 @@ def evaluation_loss(model, dataset, collator, *, batch_size: int = 8) -> dict:
 
 
 def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 48,
-                   synced_gpus: bool = False) -> str:
+                   synced_gpus: bool | None = None) -> str:
     """Greedy continuation of a conversation: deterministic, so before/after comparisons mean something.
 
     `synced_gpus`: under FSDP every rank must run as many forward passes as the longest (each one gathers
-    shards from all ranks), even if its own reply ended earlier.
+    shards from all ranks), even if its own reply ended earlier. None: transformers decides (DeepSpeed ZeRO-3).
     """
     import torch
 
