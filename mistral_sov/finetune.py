@@ -137,7 +137,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     from .evaluate import evaluation_loss, generate_reply
     from .manifest import digest_folder
     from .modeling import attach_lora, load_model, parameter_counts
-    from .training import build_trainer, checkpoint_step, make_collator, trim_metrics
+    from .training import build_trainer, check_resumable, checkpoint_step, make_collator, trim_metrics
 
     on_event("stage", {"text": "hashing base model"})
     base_digests = digest_folder(prepared.folder.path)
@@ -168,6 +168,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,
                             prepared.eval.dataset if prepared.eval else None, recipe.train, work_dir, on_event,
                             packing=recipe.data.packing)
+    if checkpoint is not None:  # FSDP or not is known once the Trainer has its Accelerator; agree, report once
+        all_ranks_agree(lambda: check_resumable(checkpoint, fsdp=trainer.is_fsdp_enabled))
     stop = _stop_at_step_boundary(trainer)
     with _first_ctrl_c_requests(stop):
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

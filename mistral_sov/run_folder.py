@@ -23,7 +23,8 @@ def check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool
     from .training import latest_checkpoint
 
     if not main:  # rank 0 checks and creates; another rank's check would race with rank 0's mkdir
-        return latest_checkpoint(work_dir / "checkpoints") if resume else None
+        # ...but every rank must find the checkpoint: one that started afresh would train a different run.
+        return _checkpoint_to_resume(work_dir) if resume else None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -35,10 +36,7 @@ def check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool
         raise InputError(f"output.dir: '{out_dir}' already holds a finished run.",
                          hint="Pass --overwrite to replace it, or --set output.dir=ANOTHER_DIR.")
     if resume:
-        checkpoint = latest_checkpoint(work_dir / "checkpoints")
-        if checkpoint is None:
-            raise InputError(f"--resume: no checkpoint found in '{work_dir / 'checkpoints'}'.",
-                             hint="Checkpoints are written every train.save_steps steps of an unfinished run.")
+        checkpoint = _checkpoint_to_resume(work_dir)
         check_same_recipe(recipe, work_dir / "recipe.yaml")
         return checkpoint
     if work_dir.exists() and not overwrite:
@@ -47,6 +45,18 @@ def check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool
                          + (f" (last checkpoint: {step.name})." if step else "."),
                          hint="Pass --resume to continue it, or --overwrite to discard it.")
     return None
+
+
+def _checkpoint_to_resume(work_dir: Path) -> Path:
+    """The latest complete checkpoint (the same words on every rank, so that a failure on all is reported once)."""
+    from .training import latest_checkpoint
+
+    checkpoint = latest_checkpoint(work_dir / "checkpoints")
+    if checkpoint is None:
+        raise InputError(f"--resume: no checkpoint found in '{work_dir / 'checkpoints'}'.",
+                         hint="Checkpoints are written every train.save_steps steps of an unfinished run; on "
+                              "several machines every one must see the run folder (a shared file system).")
+    return checkpoint
 
 
 def check_same_recipe(recipe: Recipe, saved: Path) -> None:

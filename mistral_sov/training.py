@@ -135,6 +135,21 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def check_resumable(checkpoint: Path, *, fsdp: bool) -> None:
+    """The Trainer reads a checkpoint back only into the engine that wrote it: FSDP's is sharded (accelerate's
+    pytorch_model_fsdp_0/ and optimizer_0/), any other is a PEFT adapter beside optimizer.pt. Measured
+    (transformers 5.24, accelerate 1.15): a switch fails only after the model is loaded, with "ValueError: Checkpoint
+    found at ... is only supported when using PyTorch FSDP" one way and FileNotFoundError on optimizer_0 the other."""
+    sharded = any(p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())
+    if sharded == fsdp:
+        return
+    wrote, now = ("under FSDP", "without FSDP") if sharded else ("without FSDP (one process or DDP)", "under FSDP")
+    raise InputError(f"--resume: '{checkpoint}' was written by a run {wrote} and this launch trains {now}; a "
+                     "checkpoint can be resumed only by the engine that wrote it.",
+                     hint="Resume with the launch command of the interrupted run (the same accelerate config), "
+                          "or start again with --overwrite.")
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     return int(CHECKPOINT_RE.match(checkpoint.name).group(1))
 

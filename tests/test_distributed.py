@@ -4,6 +4,7 @@ FSDP too, launched by `accelerate launch --config_file recipes/accelerate/fsdp.y
 turns FSDP on (a CPU launch stays MULTI_CPU and trains as DDP; msov warns), but torch's FSDP2 runs with gloo: the
 FSDP driver below makes accelerate take its FSDP2 path anyway, as it would on GPUs, so that msov's handling of a
 sharded model (gathering the adapter, evaluating and generating through the shards) runs for real here.
+Both engines resume a 2-rank run that crashed (one rank failing) to the adapter of an uninterrupted run.
 """
 
 import json
@@ -258,3 +259,137 @@ def test_accelerate_launch_runs_the_cli_unchanged(tiny_model, tmp_path):
     one = finetune(load_recipe(tmp_path / "one.yaml"))
     assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-3)
     assert two["eval"]["after"]["loss"] == pytest.approx(one["eval"]["after"]["loss"], rel=1e-3)
+
+
+# A 2-rank run through the CLI, as a user launches it. Rank 1 fails after step FAIL_AT_STEP when asked (a crashed GPU
+# or node), and rank 0 appends every step it trains to STEPS_LOG: a resumed run must train only the missing steps,
+# since one that silently started again would end with the same adapter too.
+CLI_DRIVER = """
+import os, sys
+import mistral_sov.training as training
+from transformers import TrainerCallback
+
+class CrashAndCount(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if os.environ["RANK"] == "0":
+            with open(os.environ["STEPS_LOG"], "a") as log:
+                log.write("%d\\n" % state.global_step)
+        if state.global_step == int(os.environ.get("FAIL_AT_STEP", "0")) and os.environ["RANK"] == "1":
+            raise RuntimeError("simulated failure on rank 1")
+
+original = training._callbacks
+training._callbacks = lambda *a, **k: original(*a, **k) + [CrashAndCount()]
+from mistral_sov.cli import app
+app(["finetune", *sys.argv[1:]])
+"""
+
+
+def launch_two(tmp_path, engine: str, recipe: Path, *args: str, steps_log: Path, fail_at_step: int = 0):
+    """`msov finetune RECIPE ARGS` on 2 ranks: torchrun (DDP), or accelerate launch with the shipped FSDP config."""
+    script = tmp_path / f"{engine}_cli.py"
+    script.write_text((FORCE_FSDP_ON_CPU if engine == "fsdp" else "") + CLI_DRIVER)
+    if engine == "fsdp":
+        accelerate = Path(sys.executable).with_name("accelerate")
+        if not accelerate.exists():
+            pytest.skip("accelerate's launcher is not installed beside this Python")
+        launcher = [str(accelerate), "launch", "--config_file", str(REPO / "recipes/accelerate/fsdp.yaml"),
+                    "--num_processes", "2", "--mixed_precision", "no",
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    else:
+        launcher = [torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPS_LOG": str(steps_log), "FAIL_AT_STEP": str(fail_at_step)}
+    return subprocess.run([*launcher, str(script), str(recipe), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def logged_losses(run_dir: Path) -> dict:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines if "loss" in line]
+    assert steps == sorted(set(steps)), steps  # no step logged twice, none out of order
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_a_two_rank_run_that_crashed_resumes_to_the_uninterrupted_adapter(engine, tiny_model, tmp_path):
+    from mistral_sov.training import latest_checkpoint
+
+    runs = tmp_path / "runs"
+    for name in ("straight", "crashed"):  # the same recipe but for where it goes
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+            small_recipe(tiny_model, runs / name, max_steps=12, batch_size=4, save_steps=5)))
+    straight = launch_two(tmp_path, engine, tmp_path / "straight.yaml", steps_log=tmp_path / "straight.steps")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    # Run 1: rank 1 fails after step 7; checkpoint-5 is complete, nothing is published.
+    crashed = launch_two(tmp_path, engine, tmp_path / "crashed.yaml", steps_log=tmp_path / "first.steps",
+                         fail_at_step=7)
+    assert crashed.returncode != 0 and "simulated failure on rank 1" in crashed.stderr, crashed.stderr[-3000:]
+    checkpoints = runs / "crashed.partial" / "checkpoints"
+    assert not (runs / "crashed").exists() and sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-5"]
+    assert latest_checkpoint(checkpoints) == checkpoints / "checkpoint-5"
+    if engine == "fsdp":  # accelerate's sharded checkpoint (torch.distributed.checkpoint, one file per rank)
+        saved = sorted(p.name for p in (checkpoints / "checkpoint-5" / "pytorch_model_fsdp_0").iterdir())
+        assert saved == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert (checkpoints / "checkpoint-5" / "optimizer_0" / ".metadata").is_file()
+
+    # Run 2: the same launch plus --resume trains steps 6-12 only and ends with the uninterrupted run's adapter.
+    resumed = launch_two(tmp_path, engine, tmp_path / "crashed.yaml", "--resume", steps_log=tmp_path / "second.steps")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(s) for s in (tmp_path / "second.steps").read_text().split()] == list(range(6, 13))
+    run = json.loads((runs / "crashed" / "run.json").read_text())
+    reference = json.loads((runs / "straight" / "run.json").read_text())
+    assert run["train"]["fsdp"] is reference["train"]["fsdp"] is (engine == "fsdp")
+    assert run["train"]["resumed_from_step"] == 5 and run["train"]["steps"] == 12
+    # Bit-identical: the checkpoint holds the adapter, Adam's moments, the scheduler and every rank's RNG state, and
+    # the data order is a function of the seed and the epoch; nothing is recomputed differently after a resume.
+    assert run["parameters"]["trainable_sha256"] == reference["parameters"]["trainable_sha256"]
+    assert run["eval"]["after"] == reference["eval"]["after"]
+    assert not (runs / "crashed.partial").exists()
+
+    # metrics.jsonl: run 1's lines after step 5 were dropped, so every step is logged once, with the uninterrupted
+    # run's loss. Step 6 aside: the Trainer logs the mean loss since its last log, which after a resume from step 5
+    # is step 6 alone and in the uninterrupted run steps 5 and 6.
+    losses, expected = logged_losses(runs / "crashed"), logged_losses(runs / "straight")
+    assert sorted(losses) == sorted(expected) == [1, 2, 4, 6, 8, 10, 12]
+    assert {s: v for s, v in losses.items() if s != 6} == {s: v for s, v in expected.items() if s != 6}
+
+
+def test_every_rank_must_find_the_checkpoint_to_resume(tiny_model, tmp_path):
+    """A rank that saw no checkpoint (a node without the shared run folder) would train a different run: it refuses,
+    in the words rank 0 uses, so that all_ranks_agree reports it once, or names the rank when only it failed."""
+    from mistral_sov.errors import InputError
+    from mistral_sov.recipe import Recipe
+    from mistral_sov.run_folder import check_targets
+
+    recipe = Recipe.model_validate(small_recipe(tiny_model, tmp_path / "out"))
+    for main in (True, False):
+        with pytest.raises(InputError) as refused:
+            check_targets(recipe, tmp_path / "out", tmp_path / "out.partial", resume=True, overwrite=False, main=main)
+        where = tmp_path / "out.partial" / "checkpoints"
+        assert refused.value.message == f"--resume: no checkpoint found in '{where}'."
+        assert "shared file system" in refused.value.hint
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_engine(tiny_model, tmp_path, write_recipe, cli):
+    """An FSDP checkpoint resumed without FSDP (or a DDP one under FSDP) fails in the Trainer only after the model is
+    loaded, with a ValueError or a FileNotFoundError on optimizer_0 (measured): msov refuses it first, exit 3."""
+    from mistral_sov.errors import InputError
+    from mistral_sov.training import check_resumable
+
+    path = write_recipe(small_recipe(tiny_model, tmp_path / "out", max_steps=12, save_steps=5))
+    checkpoint = tmp_path / "out.partial" / "checkpoints" / "checkpoint-5"
+    (checkpoint / "pytorch_model_fsdp_0").mkdir(parents=True)  # the layout of the FSDP test's real checkpoint
+    (checkpoint / "trainer_state.json").write_text("{}")
+    result = cli("finetune", path, "--resume")
+    assert result.exit_code == 3, result.output
+    assert (f"--resume: '{checkpoint}' was written by a run under FSDP and this launch trains without FSDP"
+            in " ".join(result.stderr.split()))
+    assert "same accelerate config" in result.stderr and not (tmp_path / "out").exists()
+
+    ddp = tmp_path / "ddp" / "checkpoint-5"
+    ddp.mkdir(parents=True)
+    (ddp / "adapter_model.safetensors").write_bytes(b"")
+    check_resumable(ddp, fsdp=False)
+    with pytest.raises(InputError, match=r"without FSDP \(one process or DDP\) and this launch trains under FSDP"):
+        check_resumable(ddp, fsdp=True)
