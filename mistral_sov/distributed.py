@@ -56,6 +56,23 @@ def check_fsdp(quantization, *, on_cuda: bool | None = None) -> str | None:
             "plain data parallel (DDP), every rank holding the whole model. The adapter is the same.")
 
 
+def place_for_training(model):
+    """Put the model on this rank's GPU before the Trainer would (it does so only when training starts), so that
+    the evaluation before training does not run, say, a 7B model on the CPU. bitsandbytes already placed a
+    quantized model; FSDP and DeepSpeed place (and shard) the weights themselves, from the CPU copy."""
+    import torch
+
+    if not torch.cuda.is_available() or fsdp_requested() or _deepspeed_requested():
+        return model
+    if getattr(model.config, "quantization_config", None) is not None:
+        return model
+    return model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def _deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def is_sharded(model) -> bool:
     """Is `model` (or the module the Trainer wrapped it in) managed by FSDP 1 or 2?"""
     try:

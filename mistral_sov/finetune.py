@@ -124,7 +124,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         return checkpoint, prepare_inputs(recipe, on_event)
 
     # Every rank checks its own inputs; if any rank fails, all stop now and rank 0 says why, once.
-    checkpoint, prepared = all_ranks_agree(check_everything)
+    # ...and must have found the same training settings, data bytes and checkpoint (paths may differ per node).
+    checkpoint, prepared = all_ranks_agree(check_everything, fingerprint=lambda found: (
+        recipe.train.model_dump_json(), recipe.lora.model_dump_json(), found[0].name if found[0] else None,
+        [f.sha256 for f in found[1].train_files + found[1].eval_files]))
     if checkpoint is None and main:
         shutil.rmtree(work_dir, ignore_errors=True)  # only an unfinished run the user chose to --overwrite
         work_dir.mkdir(parents=True)
@@ -133,7 +136,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     enforce_offline_env()
     from transformers import set_seed
 
-    from .distributed import is_sharded, trained_tensors, whole_root
+    from .distributed import is_sharded, place_for_training, trained_tensors, whole_root
     from .evaluate import evaluation_loss, generate_reply
     from .manifest import digest_folder
     from .modeling import attach_lora, load_model, parameter_counts
@@ -145,7 +148,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     set_seed(recipe.train.seed)
     base = load_model(prepared.folder, recipe.model, quantization=recipe.quantization,
                       gradient_checkpointing=recipe.train.gradient_checkpointing)
-    model = attach_lora(base, recipe.lora)
+    model = place_for_training(attach_lora(base, recipe.lora))
     trainable, total = parameter_counts(model)
 
     # 4. where we start from: eval loss and a sample answer before training (rank 0's to report; the model is
@@ -183,13 +186,13 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     if prepared.eval is not None:
         on_event("stage", {"text": "evaluating after training"})
         after = evaluation_loss(model, prepared.eval.dataset, collator, batch_size=recipe.train.batch_size)
+    sharded = is_sharded(trainer.model_wrapped)
     if sample:
         with whole_root(trainer.model_wrapped):
-            sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"])
+            sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"], synced_gpus=sharded or None)
 
     # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename; under FSDP the adapter is
     #    gathered whole from the shards first (every rank takes part), so rank 0 saves all of it
-    sharded = is_sharded(trainer.model_wrapped)
     adapter = trained_tensors(trainer.model_wrapped if sharded else model)
     weights_digest = _trainable_digest(adapter)
     if not main:  # the other ranks trained the same adapter; rank 0 alone writes and publishes it

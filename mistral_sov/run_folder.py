@@ -14,8 +14,10 @@ from pathlib import Path
 from .errors import InputError
 from .recipe import Recipe
 
-# The signing key changes who vouches for the adapter, not the adapter: a resumed run may be signed differently.
-RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps"), ("output", "sign_key")}
+# What may change on --resume: the run's length, who signs it (the signing key changes who vouches for the adapter,
+# not the adapter) and what is logged; nothing that changes the weights.
+RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps"), ("output", "sign_key"), ("train", "tensorboard"),
+                    ("train", "logging_steps"), ("train", "eval_steps")}
 
 
 def check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool, main: bool):
@@ -72,7 +74,8 @@ def check_same_recipe(recipe: Recipe, saved: Path) -> None:
                and old.get(section, {}).get(key) != new[section][key]]
     if changed:
         raise InputError(f"--resume: the recipe differs from the unfinished run's ({', '.join(changed)}).",
-                         hint="Resume with the same recipe (only train.epochs / train.max_steps may change).")
+                         hint="Resume with the same recipe (only the run length, output.sign_key and what is logged may "
+                              "change).")
 
 
 def publish(work_dir: Path, out_dir: Path) -> None:
