@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from .errors import InputError
+from .errors import InputError, MsovError
 
 
 def fsdp_requested() -> bool:
@@ -83,18 +83,44 @@ def is_sharded(model) -> bool:
     return isinstance(model, (FSDPModule, FullyShardedDataParallel))
 
 
+def zero3_partitioned(model) -> bool:
+    """Are `model`'s parameters DeepSpeed ZeRO-3 partitions? Each rank then holds a slice of every parameter
+    (`param.data` is empty outside a forward pass), so reading or saving them needs a gather first."""
+    return any(hasattr(param, "ds_id") for param in model.parameters())
+
+
 def trained_tensors(model) -> dict:
     """The trained (adapter) tensors by name, whole on every rank.
 
-    Under FSDP this gathers them (a collective: every rank must call it, in step) without gathering the frozen
-    base; elsewhere it is the parameters themselves. The names are PEFT's, as `named_parameters` gives them.
+    Under FSDP and DeepSpeed ZeRO-3 this gathers them (a collective: every rank must call it, in step) without
+    gathering the frozen base; elsewhere it is the parameters themselves. The names are PEFT's, as
+    `named_parameters` gives them.
     """
     if not is_sharded(model):
-        return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+        trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        if not zero3_partitioned(model):
+            return _whole({name: param.detach() for name, param in trained.items()})
+        import deepspeed
+
+        # ZeRO-3: gather only the trained tensors, on every rank, and copy them out before they are released
+        with deepspeed.zero.GatheredParameters(list(trained.values()), modifier_rank=None):
+            return _whole({name: param.detach().clone() for name, param in trained.items()})
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
-    return {name: tensor.detach() for name, tensor in get_model_state_dict(model, options=options).items()}
+    return _whole({name: tensor.detach() for name, tensor in get_model_state_dict(model, options=options).items()})
+
+
+def _whole(tensors: dict) -> dict:
+    """Refuse to go on with an adapter that is still a slice: an engine msov does not know sharded it (measured:
+    DeepSpeed ZeRO-3 before msov gathered it published 28 tensors of shape (0,), and PEFT only warned)."""
+    empty = [name for name, tensor in tensors.items() if tensor.numel() == 0]
+    if empty or not tensors:
+        raise MsovError(f"the trained adapter is not whole on this rank ({len(empty)} of {len(tensors)} tensors "
+                        f"are empty{', e.g. ' + empty[0] if empty else ''}): the distributed engine holds it in "
+                        "pieces msov cannot gather. Nothing was published.",
+                        hint="Use one of the configs in recipes/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO-2/3).")
+    return tensors
 
 
 @contextmanager

@@ -136,7 +136,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     enforce_offline_env()
     from transformers import set_seed
 
-    from .distributed import is_sharded, place_for_training, trained_tensors, whole_root
+    from .distributed import is_sharded, place_for_training, trained_tensors, whole_root, zero3_partitioned
     from .evaluate import evaluation_loss, generate_reply
     from .manifest import digest_folder
     from .modeling import attach_lora, load_model, parameter_counts
@@ -193,13 +193,14 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
 
     # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename; under FSDP the adapter is
     #    gathered whole from the shards first (every rank takes part), so rank 0 saves all of it
+    gathered = sharded or zero3_partitioned(model)  # model.state_dict() would hold shards: save the gathered ones
     adapter = trained_tensors(trainer.model_wrapped if sharded else model)
     weights_digest = _trainable_digest(adapter)
     if not main:  # the other ranks trained the same adapter; rank 0 alone writes and publishes it
         return {"status": "complete", "rank": int(os.environ.get("RANK", "0")), "name": recipe.name,
                 "trainable_sha256": weights_digest}
     on_event("stage", {"text": "saving adapter"})
-    model.save_pretrained(work_dir / "adapter", **({"state_dict": adapter} if sharded else {}))
+    model.save_pretrained(work_dir / "adapter", **({"state_dict": adapter} if gathered else {}))
     losses = [r["loss"] for r in _read_metrics(work_dir / "metrics.jsonl") if "loss" in r]
     summary = {
         "status": "complete",

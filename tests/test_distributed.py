@@ -393,3 +393,38 @@ def test_resume_refuses_a_checkpoint_of_the_other_engine(tiny_model, tmp_path, w
     check_resumable(ddp, fsdp=False)
     with pytest.raises(InputError, match=r"without FSDP \(one process or DDP\) and this launch trains under FSDP"):
         check_resumable(ddp, fsdp=True)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_saves_the_whole_adapter(stage, tiny_model, tmp_path):
+    """DeepSpeed ZeRO-2/3 with the shipped configs (gloo on CPU; fp32 so it compares with one process). Under
+    ZeRO-3 each rank holds a slice of every parameter: before msov gathered the adapter it published 28 LoRA
+    tensors of shape (0,) with exit 0."""
+    pytest.importorskip("deepspeed")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    (tmp_path / "ds.yaml").write_text(yaml.safe_dump(
+        small_recipe(tiny_model, tmp_path / "runs" / "ds", max_steps=8, batch_size=4)))
+    done = subprocess.run([str(accelerate), "launch", "--config_file",
+                           str(REPO / f"recipes/accelerate/deepspeed-zero{stage}.yaml"), "--mixed_precision", "no",
+                           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+                           "-m", "mistral_sov", "finetune", str(tmp_path / "ds.yaml")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = tmp_path / "runs" / "ds" / "adapter"
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(
+        small_recipe(tiny_model, tmp_path / "single" / "one", max_steps=8, batch_size=8)))
+    one = finetune(load_recipe(tmp_path / "one.yaml"))
+    reference = load_file(Path(one["adapter_dir"]) / "adapter_model.safetensors")
+    assert tensors.keys() == reference.keys()
+    # Measured: at most 1.2e-6 apart (reduction order across 2 ranks); a wrong or missing gather is O(1e-2) or more.
+    assert max((tensors[k] - reference[k]).abs().max().item() for k in tensors) < 1e-4
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)  # reloads in plain PEFT
+    run = json.loads((tmp_path / "runs" / "ds" / "run.json").read_text())
+    assert run["eval"]["after"]["loss"] == pytest.approx(one["eval"]["after"]["loss"], rel=1e-5)
