@@ -125,9 +125,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
 
     # Every rank checks its own inputs; if any rank fails, all stop now and rank 0 says why, once.
     # ...and must have found the same training settings, data bytes and checkpoint (paths may differ per node).
-    checkpoint, prepared = all_ranks_agree(check_everything, fingerprint=lambda found: (
-        recipe.train.model_dump_json(), recipe.lora.model_dump_json(), found[0].name if found[0] else None,
-        [f.sha256 for f in found[1].train_files + found[1].eval_files]))
+    checkpoint, prepared = all_ranks_agree(check_everything, fingerprint=lambda found: {
+        "train settings": recipe.train.model_dump_json(), "lora settings": recipe.lora.model_dump_json(),
+        "checkpoint": found[0].name if found[0] else None,
+        "data sha256": [f.sha256 for f in found[1].train_files + found[1].eval_files]})
     if checkpoint is None and main:
         shutil.rmtree(work_dir, ignore_errors=True)  # only an unfinished run the user chose to --overwrite
         work_dir.mkdir(parents=True)

@@ -71,8 +71,9 @@ def all_ranks_agree(check: Callable[[], T], fingerprint: Callable[[T], object] |
             return result
         failures = [{"rank": r, "exit_code": 3, "hint": "Every rank must see the same recipe, data files and "
                      "checkpoints (a shared file system, or identical copies on every node).",
-                     "message": f"found different inputs than rank 0: {outcomes[r]['fingerprint']!r} "
-                                f"instead of {outcomes[0]['fingerprint']!r}"} for r in differ]
+                     "message": "found different inputs than rank 0: "
+                                + _differences(outcomes[r]["fingerprint"], outcomes[0]["fingerprint"])}
+                    for r in differ]
         outcomes = [None] * len(outcomes)  # so the message below names the ranks
     first = min(failures, key=lambda f: f["rank"])
     if not is_main_process():
@@ -84,6 +85,18 @@ def all_ranks_agree(check: Callable[[], T], fingerprint: Callable[[T], object] |
     error = MsovError(where + first["message"], hint=first["hint"])
     error.exit_code = first["exit_code"]
     raise error
+
+
+def _differences(mine, reference) -> str:
+    """Which named parts of two fingerprints differ, values shortened: 'checkpoint: None, rank 0: checkpoint-5'."""
+    def short(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    if not (isinstance(mine, dict) and isinstance(reference, dict)):
+        return f"{short(mine)}, rank 0: {short(reference)}"
+    return "; ".join(f"{key}: {short(mine.get(key))}, rank 0: {short(reference.get(key))}"
+                     for key in sorted(set(mine) | set(reference)) if mine.get(key) != reference.get(key))
 
 
 def _all_gather(value) -> list:

@@ -85,15 +85,17 @@ def test_any_exception_in_the_checks_stops_all_ranks(monkeypatch):
 def test_ranks_that_found_different_inputs_stop(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr("mistral_sov.ranks._all_gather",
-                        lambda value: [value, {"failure": None, "fingerprint": ("recipe-a", None)}])
-    assert all_ranks_agree(lambda: "ok", fingerprint=lambda _: ("recipe-a", None)) == "ok"
-    with pytest.raises(Exception, match="rank 1 of 2: found different inputs than rank 0") as err:
-        all_ranks_agree(lambda: "ok", fingerprint=lambda _: ("recipe-a", "checkpoint-50"))
+    other = {"recipe": "a", "checkpoint": None}
+    monkeypatch.setattr("mistral_sov.ranks._all_gather", lambda value: [value, {"failure": None, "fingerprint": other}])
+    assert all_ranks_agree(lambda: "ok", fingerprint=lambda _: {"recipe": "a", "checkpoint": None}) == "ok"
+    with pytest.raises(Exception) as err:
+        all_ranks_agree(lambda: "ok", fingerprint=lambda _: {"recipe": "a", "checkpoint": "checkpoint-50"})
+    assert err.value.message == ("rank 1 of 2: found different inputs than rank 0: "
+                                 "checkpoint: None, rank 0: 'checkpoint-50'")
     assert err.value.exit_code == 3
     monkeypatch.setenv("RANK", "1")  # the other ranks stop silently with the same code
     with pytest.raises(StoppedWithPeers) as quiet:
-        all_ranks_agree(lambda: "ok", fingerprint=lambda _: ("recipe-a", "checkpoint-50"))
+        all_ranks_agree(lambda: "ok", fingerprint=lambda _: {"recipe": "a", "checkpoint": "checkpoint-50"})
     assert quiet.value.exit_code == 3
 
 
