@@ -179,6 +179,7 @@ with torch.no_grad():  # off the safetensors mmap into process memory, where a G
         p.data = p.data.clone()
 trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset, None, recipe.train, Path(sys.argv[2]),
                         lambda *a: None)
+import gc; gc.collect()  # the loader's safetensors mmap goes now, not whenever the collector next runs
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak: count the training step, not the loading
 trainer.train()
 # Pages of shared libraries first touched during training are code, not training memory, and how many the kernel
