@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,17 @@ def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def torchrun() -> str:
+    """torchrun beside this Python (multi-process tests run on CPU with gloo)."""
+    path = Path(sys.executable).with_name("torchrun")
+    if not path.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

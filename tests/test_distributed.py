@@ -9,7 +9,6 @@ Both engines resume a 2-rank run that crashed (one rank failing) to the adapter 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import small_recipe
+from conftest import free_port, small_recipe, torchrun
 from mistral_sov.finetune import finetune
 from mistral_sov.recipe import load_recipe
 
@@ -42,19 +41,6 @@ def _init_fsdp_on_cpu(self, *args, **kwargs):
 AcceleratorState.__init__ = _init_fsdp_on_cpu
 """
 REPO = Path(__file__).resolve().parent.parent
-
-
-def torchrun() -> str:
-    path = Path(sys.executable).with_name("torchrun")
-    if not path.exists():
-        pytest.skip("torchrun is not installed beside this Python")
-    return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_ranks_match_one_process(tiny_model, tmp_path):

@@ -1,15 +1,13 @@
 """An error on one rank stops every rank, with one message (torchrun, 2 processes, gloo on CPU)."""
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import small_recipe
+from conftest import free_port, small_recipe, torchrun
 from mistral_sov.errors import InputError
 from mistral_sov.ranks import StoppedWithPeers, all_ranks_agree, is_peer_failure
 
@@ -39,15 +37,9 @@ app(["finetune", sys.argv[1]])
 """
 
 
-def torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
-    path = Path(sys.executable).with_name("torchrun")
-    if not path.exists():
-        pytest.skip("torchrun is not installed beside this Python")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return subprocess.run([str(path), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                           str(port), str(script), *args], capture_output=True, text=True, timeout=300,
+def two_ranks(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(free_port()), str(script), *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -104,7 +96,7 @@ def test_bad_input_on_every_rank_is_reported_once(tiny_model, tmp_path):
     bad["data"]["train"][0]["path"] = str(tmp_path / "missing.jsonl")
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     (tmp_path / "run.py").write_text(PER_RANK)
-    done = torchrun(tmp_path / "run.py", str(tmp_path / "bad.yaml"), str(tmp_path / "bad.yaml"))
+    done = two_ranks(tmp_path / "run.py", str(tmp_path / "bad.yaml"), str(tmp_path / "bad.yaml"))
     assert done.returncode != 0
     assert msov_errors(done.stderr) == [f"error: {tmp_path / 'missing.jsonl'}: no such data file"], done.stderr
     assert "msov: " in done.stderr  # torchrun's failure summary carries our message, not "<N/A>"
@@ -117,7 +109,7 @@ def test_bad_input_on_one_rank_stops_both_and_names_the_rank(tiny_model, tmp_pat
     (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     (tmp_path / "run.py").write_text(PER_RANK)
-    done = torchrun(tmp_path / "run.py", str(tmp_path / "good.yaml"), str(tmp_path / "bad.yaml"))
+    done = two_ranks(tmp_path / "run.py", str(tmp_path / "good.yaml"), str(tmp_path / "bad.yaml"))
     assert done.returncode != 0
     errors = msov_errors(done.stderr)
     assert errors == [f"error: rank 1 of 2: {tmp_path / 'missing.jsonl'}: no such data file"], done.stderr
@@ -128,7 +120,7 @@ def test_failure_during_training_on_one_rank_stops_all_with_one_message(tiny_mod
     recipe = small_recipe(tiny_model, tmp_path / "out", max_steps=50, batch_size=2)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     (tmp_path / "run.py").write_text(FAIL_IN_TRAINING)
-    done = torchrun(tmp_path / "run.py", str(tmp_path / "r.yaml"))
+    done = two_ranks(tmp_path / "run.py", str(tmp_path / "r.yaml"))
     assert done.returncode != 0
     errors = msov_errors(done.stderr)
     assert errors == ["error: rank 1 of 2: unexpected RuntimeError: simulated failure on one rank"], done.stderr
