@@ -26,7 +26,7 @@ def keygen(
     as_json: bool = JsonOpt,
 ) -> None:
     """Make an ECDSA key pair for signing outputs (the passphrase, if any, from $MSOV_KEY_PASSPHRASE or a prompt)."""
-    from .signing import PASSPHRASE_ENV, generate_keypair, key_hint, load_public_key, passphrase_from_env
+    from .keys import PASSPHRASE_ENV, generate_keypair, key_hint, load_public_key, passphrase_from_env
 
     # Never a CLI argument: argv is visible to every user of the machine and lands in shell history.
     passphrase = passphrase_from_env()

@@ -116,7 +116,8 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
     """`msov export RUN --merge --out OUT`: base + adapter as one standard Hugging Face folder (signed: OUT.sig)."""
     from .provenance import read_provenance, write_provenance
     from .registry import base_license, check_target, copy_tokenizer, folder_digest, model_card, publish, staged
-    from .signing import check_signing_key, sign_folder
+    from .keys import check_signing_key
+    from .signing import sign_folder
 
     started = time.monotonic()
     if dtype is not None and dtype not in DTYPES:

@@ -117,7 +117,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     def check_everything():
         checkpoint = check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
         if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
-            from .signing import check_signing_key
+            from .keys import check_signing_key
 
             check_signing_key(Path(sign_key), outside=(out_dir, work_dir))
         # 2. model folder, data and tokens (all input errors surface here, before anything is written)

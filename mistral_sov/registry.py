@@ -39,7 +39,8 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
     provenance and signature. Its id is the folder's OMS subject digest (the signature's subject)."""
     from .manifest import DEFAULT_IGNORE
     from .provenance import PROVENANCE_PATH, write_provenance
-    from .signing import check_signing_key, sign_folder
+    from .keys import check_signing_key
+    from .signing import sign_folder
 
     # 1. where it goes: REGISTRY/<name>/<version>/ or --out; the key is loaded now, not after the work
     if (out is None) == (registry is None):

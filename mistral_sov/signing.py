@@ -1,4 +1,4 @@
-"""Keys, signing and verification in the OpenSSF Model Signing (OMS) v1.0 format, key method.
+"""Signing and verification in the OpenSSF Model Signing (OMS) v1.0 format, key method.
 
 What is written is exactly what the reference implementation (`model_signing`) writes for `sign key`: a Sigstore
 bundle (v0.3, JSON) holding a DSSE envelope around an in-toto Statement v1 whose predicate lists every file of
@@ -12,60 +12,24 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
-from .errors import InputError, UsageError, VerificationError
+from .errors import InputError, VerificationError
+from .keys import HASH_FOR_CURVE, is_within, key_hint, load_private_key, load_public_key
 from .manifest import DEFAULT_IGNORE, compare_manifests, hash_files, list_files, subject_digest, write_atomic
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
-PASSPHRASE_ENV = "MSOV_KEY_PASSPHRASE"
-CURVES = {"P-256": "SECP256R1", "P-384": "SECP384R1"}
-# Verification also accepts P-521, which model_signing can produce; each curve signs with its matching hash.
-_HASH_FOR_CURVE = {"secp256r1": "SHA256", "secp384r1": "SHA384", "secp521r1": "SHA512"}
 _HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline slips through
-# Files whose presence marks a folder (or one of its parents) as msov output: no private key may be put there.
-_OUTPUT_MARKERS = ("run.json", "msov/provenance.json", "adapter_config.json")
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
     """DSSE v1 pre-authentication encoding: what is actually signed (lengths in bytes)."""
     kind = payload_type.encode("utf-8")
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
-
-
-def passphrase_from_env() -> bytes | None:
-    value = os.environ.get(PASSPHRASE_ENV)
-    return value.encode("utf-8") if value else None
-
-
-def generate_keypair(base: Path, *, curve: str = "P-256", passphrase: bytes | None = None) -> tuple[Path, Path]:
-    """Write BASE.pem (private, PKCS#8, mode 0600 from creation, encrypted when a passphrase is given) and
-    BASE.pub (SubjectPublicKeyInfo PEM). Refuses to overwrite either, or to put a key inside msov output."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if curve not in CURVES:
-        raise UsageError(f"--curve {curve}: expected one of {', '.join(CURVES)}.")
-    base = Path(base)
-    private_path, public_path = base.with_name(base.name + ".pem"), base.with_name(base.name + ".pub")
-    for path in (private_path, public_path):
-        if path.exists():
-            raise InputError(f"{path}: already exists; msov never overwrites a key.",
-                             hint="Choose another --out, or move the old key pair away first.")
-    _refuse_inside_output(private_path)
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(getattr(ec, CURVES[curve])())
-    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
-                  else serialization.NoEncryption())
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    write_atomic(private_path, private_pem, mode=0o600)
-    write_atomic(public_path, _public_pem(key.public_key()), mode=0o644)
-    return private_path, public_path
 
 
 def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, passphrase: bytes | None = None,
@@ -80,7 +44,7 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
     folder = Path(folder)
     root = folder.resolve()
     key_path = Path(key_path)
-    if _is_within(key_path.resolve(), root):
+    if is_within(key_path.resolve(), root):
         raise InputError(f"{key_path}: the private key lies inside the folder to sign; it would be signed into "
                          f"the output and shipped with it.", hint="Keep keys outside every output folder.")
     private_key = load_private_key(key_path, passphrase)
@@ -115,18 +79,6 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
     write_atomic(sig_path, (json.dumps(bundle, indent=2) + "\n").encode("utf-8"), mode=0o644)
     return {"sig": str(sig_path), "subject_digest": statement["subject"][0]["digest"]["sha256"],
             "files": len(files), "key_hint": hint}
-
-
-def check_signing_key(key_path: Path, *, outside: tuple[Path, ...] = (), passphrase: bytes | None = None) -> str:
-    """Load the key now (passphrase included) and refuse one kept inside a folder that will be replaced or
-    published; returns its key hint. For commands that sign at the end of a long job."""
-    resolved = Path(key_path).resolve()
-    for folder in outside:
-        if _is_within(resolved, Path(folder).resolve()):
-            raise InputError(f"{key_path}: the private key lies inside {folder}, which msov writes or replaces; "
-                             f"it would be lost or shipped with the output.",
-                             hint="Keep keys outside every output folder.")
-    return key_hint(load_private_key(key_path, passphrase).public_key())
 
 
 def make_statement(name: str, files: list[dict], ignore_paths: list[str]) -> dict:
@@ -309,7 +261,7 @@ def _safe_name(name: str) -> bool:
 def _ignore_paths(root: Path, sig_path: Path) -> list[str]:
     """The defaults, plus the signature file itself when it lies inside the folder (as model_signing does)."""
     sig = Path(sig_path).resolve()
-    inside = [sig.relative_to(root).as_posix()] if _is_within(sig, root) else []
+    inside = [sig.relative_to(root).as_posix()] if is_within(sig, root) else []
     return sorted(set(DEFAULT_IGNORE) | set(inside))
 
 
@@ -318,61 +270,11 @@ def default_sig_path(folder: Path) -> Path:
     return resolved.with_name(resolved.name + ".sig")
 
 
-def load_private_key(path: Path, passphrase: bytes | None = None):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    data = _read_key_file(path, "private key")
-    passphrase = passphrase if passphrase is not None else passphrase_from_env()
-    try:
-        key = serialization.load_pem_private_key(data, passphrase)
-    except TypeError:  # encrypted but no passphrase, or a passphrase for an unencrypted key
-        if passphrase:
-            key = serialization.load_pem_private_key(data, None)
-        else:
-            raise InputError(f"{path}: the private key is encrypted and no passphrase was given.",
-                             hint=f"Set {PASSPHRASE_ENV} in the environment.") from None
-    except ValueError:
-        raise InputError(f"{path}: not a PEM private key, or the passphrase is wrong.",
-                         hint=f"The passphrase comes from {PASSPHRASE_ENV}; `msov keygen` makes a key pair.") \
-            from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in _HASH_FOR_CURVE:
-        raise InputError(f"{path}: OMS key signing needs an ECDSA P-256 or P-384 key.",
-                         hint="`msov keygen --out KEYBASE` makes one.")
-    return key
-
-
-def load_public_key(path: Path):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    data = _read_key_file(path, "public key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except ValueError:
-        raise InputError(f"{path}: not a PEM public key.",
-                         hint="Pass the signer's .pub file (`msov keygen` writes KEYBASE.pub).") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _HASH_FOR_CURVE:
-        raise InputError(f"{path}: not an ECDSA P-256/P-384/P-521 public key.")
-    return key
-
-
-def key_hint(public_key) -> str:
-    """OMS/model_signing key hint: hex sha256 of the public key's canonical SubjectPublicKeyInfo PEM bytes."""
-    return hashlib.sha256(_public_pem(public_key)).hexdigest()
-
-
-def _public_pem(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def _ecdsa(key):
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    return ec.ECDSA(getattr(hashes, _HASH_FOR_CURVE[key.curve.name])())
+    return ec.ECDSA(getattr(hashes, HASH_FOR_CURVE[key.curve.name])())
 
 
 def _signature_ok(public_key, signature: bytes, message: bytes) -> bool:
@@ -383,23 +285,3 @@ def _signature_ok(public_key, signature: bytes, message: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-def _read_key_file(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the {what} ({exc.strerror or exc}).") from None
-
-
-def _is_within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _refuse_inside_output(private_path: Path) -> None:
-    for parent in private_path.resolve().parents:
-        marker = next((m for m in _OUTPUT_MARKERS if (parent / m).is_file()), None)
-        if marker:
-            raise InputError(f"{private_path}: would lie inside an msov output folder ({parent / marker} exists); "
-                             f"a private key there could be shipped or signed with the output.",
-                             hint="Keep keys in a folder of their own, e.g. ~/.msov/keys/.")

@@ -82,7 +82,7 @@ def trained_run(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
-    from mistral_sov.signing import generate_keypair
+    from mistral_sov.keys import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys") / "ci")
 
