@@ -65,6 +65,7 @@ def all_ranks_agree(check: Callable[[], T], fingerprint: Callable[[T], object] |
                    "hint": None}
     outcomes = _all_gather({"failure": failure, "fingerprint": mark})
     failures = [o["failure"] for o in outcomes if o["failure"] is not None]
+    same_everywhere = len(failures) == len(outcomes) and len({f["message"] for f in failures}) == 1
     if not failures:
         differ = [r for r, o in enumerate(outcomes) if o["fingerprint"] != outcomes[0]["fingerprint"]]
         if not differ:
@@ -74,11 +75,9 @@ def all_ranks_agree(check: Callable[[], T], fingerprint: Callable[[T], object] |
                      "message": "found different inputs than rank 0: "
                                 + _differences(outcomes[r]["fingerprint"], outcomes[0]["fingerprint"])}
                     for r in differ]
-        outcomes = [None] * len(outcomes)  # so the message below names the ranks
     first = min(failures, key=lambda f: f["rank"])
     if not is_main_process():
         raise StoppedWithPeers(f"rank {first['rank']} failed: {first['message']}", first["exit_code"])
-    same_everywhere = len(failures) == len(outcomes) and len({f["message"] for f in failures}) == 1
     where = "" if same_everywhere else (
         f"rank {first['rank']} of {len(outcomes)}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
         + ": ")
