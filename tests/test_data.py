@@ -329,13 +329,52 @@ def test_missing_or_unstable_chat_template(tok):
     # Completion rows need no template.
     assert tokenize_records([{"prompt": "a", "completion": "b"}], bare, max_seq_len=64).stats.rows_out == 1
 
-    # A template that only prints the newest answer: rendering a prefix does not give a prefix of the whole.
+    # A template that only prints the newest answer drops the others: an error, whatever is trained on.
     bare.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m.role != 'assistant' or loop.last %}"
                           "{{ m.content }}{% endif %}{% endfor %}")
-    with pytest.raises(DataError, match="not prefix-stable") as info:
-        tokenize_records([{"messages": CONVERSATION}], bare, max_seq_len=64)
-    assert "data.train_on: all" in info.value.hint
-    assert tokenize_records([{"messages": CONVERSATION}], bare, max_seq_len=64, train_on="all").stats.rows_out == 1
+    for train_on in ("completion", "all"):
+        with pytest.raises(DataError, match="message 2 .assistant. is not in the text") as info:
+            tokenize_records([{"messages": CONVERSATION}], bare, max_seq_len=64, train_on=train_on)
+        assert "conversation 1" in info.value.message
+
+
+def test_template_that_drops_system_prompts_is_an_error(tok):
+    bare = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    bare.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST]{{ m.content }}"
+                          "[/INST]{% elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}"
+                          "{% endfor %}")
+    with pytest.raises(DataError, match=r"conversation 1 .*message 0 \(system\) is not in the text"):
+        tokenize_records([{"messages": CONVERSATION}], bare, max_seq_len=64, train_on="all")
+
+
+def test_template_not_prefix_stable_is_masked_turn_by_turn(tok):
+    # Like Mistral's v0.3 template: the system prompt goes into the last user turn, so the whole conversation
+    # does not start with the rendering of its first turn.
+    bare = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    bare.chat_template = (
+        "{% set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | list %}"
+        "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}{{ bos_token }}"
+        "{% for m in messages %}{% if m.role == 'user' %}[INST]{% if m is sameas users[-1] and system %}"
+        "{{ system[0] }} {% endif %}{{ m.content }}[/INST]{% elif m.role == 'assistant' %}{{ m.content }}"
+        "{{ eos_token }}{% endif %}{% endfor %}")
+    record = {"messages": CONVERSATION}
+    row = tokenize_records([record], bare, max_seq_len=128).dataset[0]
+    learned = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert CONVERSATION[0]["role"] == "system" and CONVERSATION[0]["content"] in tok.decode(row["input_ids"])
+    assert tok.decode(learned) == "".join(m["content"] + "</s>" for m in CONVERSATION if m["role"] == "assistant")
+
+
+def test_special_token_text_in_data_stays_plain(tok):
+    record = {"messages": [{"role": "user", "content": "What is [INST] ?"},
+                           {"role": "assistant", "content": "It ends with </s> and <s> is strikethrough."}]}
+    row = tokenize_records([record], tok, max_seq_len=256).dataset[0]
+    ids = row["input_ids"]
+    inst = tok.convert_tokens_to_ids("[INST]")
+    assert ids.count(inst) == 1 and ids.count(tok.eos_token_id) == 1 and ids.count(tok.bos_token_id) == 1
+    assert ids[-1] == tok.eos_token_id and row["labels"][-1] == tok.eos_token_id
+    assert tok.decode(ids) == tok.apply_chat_template(record["messages"], tokenize=False)
+    done = tokenize_records([{"prompt": "Q </s>", "completion": " A <s>"}], tok, max_seq_len=64).dataset[0]
+    assert done["input_ids"].count(tok.eos_token_id) == 1 and done["input_ids"].count(tok.bos_token_id) == 1
 
 
 def test_render_prompt_ends_where_the_answer_begins(tok):

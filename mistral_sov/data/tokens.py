@@ -57,44 +57,39 @@ def tokenize_records(records: list[dict], tokenizer, *, max_seq_len: int, overlo
     if overlong not in OVERLONG or train_on not in TRAIN_ON or max_seq_len < 2:
         raise ValueError(f"tokenize_records: overlong={overlong!r}, train_on={train_on!r}, "
                          f"max_seq_len={max_seq_len!r}; expected one of {OVERLONG}, one of {TRAIN_ON}, and >= 2")
+    mistral = getattr(tokenizer, "msov_mistral", None)  # mistral-common's tokenizer, set by load_tokenizer
     if not records:
         raise DataError("there are no records to tokenise", hint="Point the recipe at a file with training examples.")
-    if not getattr(tokenizer, "is_fast", False):
+    if mistral is None and not getattr(tokenizer, "is_fast", False):
         raise DataError("the model's tokenizer is a slow (Python) tokenizer; msov needs a fast one to locate "
                         "the answers inside each example",
                         hint="Use a model folder that ships tokenizer.json.")
-    if any("messages" in record for record in records):
+    if mistral is None and any("messages" in record for record in records):
         _require_chat_template(tokenizer)
 
-    texts, spans = [], []
-    for number, record in enumerate(records, 1):
-        text, supervised = (_chat(record["messages"], tokenizer, train_on, number) if "messages" in record
-                            else _completion(record, tokenizer, train_on))
-        texts.append(text)
-        spans.append(supervised)
+    encoded = [(_mistral_chat(mistral, record, number, train_on) if mistral is not None and "messages" in record
+                else _chat(record, tokenizer, train_on, number) if "messages" in record
+                else _completion(record, tokenizer, train_on))
+               for number, record in enumerate(records, 1)]
 
     rows, lengths, longest = [], [], 0
     truncated = dropped_overlong = dropped_unsupervised = supervised_tokens = 0
-    for start in range(0, len(texts), _BATCH):
-        encoded = tokenizer(texts[start:start + _BATCH], add_special_tokens=False, return_offsets_mapping=True)
-        for ids, offsets, supervised in zip(encoded["input_ids"], encoded["offset_mapping"],
-                                            spans[start:start + _BATCH]):
-            longest = max(longest, len(ids))
-            labels = _labels(ids, offsets, supervised)
-            if len(ids) > max_seq_len:
-                if overlong == "drop":
-                    dropped_overlong += 1
-                    continue
-                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-                truncated += 1
-            learned = sum(label != IGNORE for label in labels)
-            if learned == 0:
-                # A row with nothing to learn divides the loss by zero: NaN for its whole batch.
-                dropped_unsupervised += 1
+    for ids, labels in encoded:
+        longest = max(longest, len(ids))
+        if len(ids) > max_seq_len:
+            if overlong == "drop":
+                dropped_overlong += 1
                 continue
-            supervised_tokens += learned
-            lengths.append(len(ids))
-            rows.append({"input_ids": list(ids), "labels": labels})
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            truncated += 1
+        learned = sum(label != IGNORE for label in labels)
+        if learned == 0:
+            # A row with nothing to learn divides the loss by zero: NaN for its whole batch.
+            dropped_unsupervised += 1
+            continue
+        supervised_tokens += learned
+        lengths.append(len(ids))
+        rows.append({"input_ids": list(ids), "labels": labels})
 
     if not rows:
         raise DataError(
@@ -129,38 +124,125 @@ def _labels(ids: list[int], offsets: list, spans: list[tuple[int, int]] | None) 
     return labels
 
 
-def _chat(messages: list[dict], tokenizer, train_on: str, number: int) -> tuple[str, list | None]:
-    full = _render(tokenizer, messages, number=number)
-    if train_on == "all":
-        return full, None
-    spans = []
+def _mistral_chat(mistral, record: dict, number: int, train_on: str = "completion") -> tuple[list, list]:
+    from ..mistral_native import encode_chat
+
+    ids, labels = encode_chat(mistral, record, number)
+    return ids, ([IGNORE] + ids[1:] if train_on == "all" else labels)
+
+
+def _chat(record: dict, tokenizer, train_on: str, number: int) -> tuple[list, list]:
+    messages = record["messages"]
+    tools = record.get("tools") or None
+    full = _render(tokenizer, messages, tools=tools, number=number)
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if message["role"] in ("system", "user", "assistant") and isinstance(content, str) and content.strip():
+            # Anywhere, not in order: templates may move a message (Mistral's put the system prompt last).
+            if content.strip() not in full:
+                raise DataError(
+                    f"conversation {number} ({_opening(messages)}): message {i} ({message['role']}) is not in the "
+                    "text the chat template renders: the template drops it, so the model would never see it",
+                    hint="Give a template that renders every message with `data.chat_template: path/to/template."
+                         "jinja`, or remove the messages this template does not support.")
+    spans = None if train_on == "all" else _answer_spans(messages, tools, full, tokenizer, number)
+    ids, offsets = _encode_plain_data(tokenizer, full, messages)
+    return ids, _labels(ids, offsets, spans)
+
+
+def _answer_spans(messages: list[dict], tools, full: str, tokenizer, number: int) -> list[tuple[int, int]]:
+    """Each learned assistant turn as a character span of the whole rendering.
+
+    A turn is what rendering up to and including it adds to rendering up to its generation prompt. That is
+    found in the whole conversation even when the template is not prefix-stable (Mistral's put the system prompt
+    and tools in the last user turn, so the whole conversation does not start with its first turns)."""
+    spans, cursor = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True, number=number)
-        through = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], number=number)
-        if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
+        before = _render(tokenizer, messages[:i], tools=tools, add_generation_prompt=True, number=number)
+        through = _render(tokenizer, messages[:i + 1], tools=tools, number=number)
+        turn = through[len(before):] if through.startswith(before) else ""
+        begin = full.find(turn, cursor) if turn else -1
+        if begin < 0:
             raise DataError(
-                f"conversation {number} ({_opening(messages)}): the chat template is not prefix-stable: rendering "
-                f"the conversation up to answer {i} does not give the start of the whole rendered conversation, "
-                "so the answers cannot be located to train on them alone",
-                hint="Set `data.train_on: all` to learn from every token, or give a prefix-stable template with "
-                     "`data.chat_template: path/to/template.jinja`.")
-        spans.append((len(before), len(through)))
-    return full, spans
+                f"conversation {number} ({_opening(messages)}): answer {i} cannot be located in the rendered "
+                "conversation: the chat template renders a turn differently depending on what follows it",
+                hint="Set `data.train_on: all` to learn from every token, or give a template that renders each "
+                     "turn the same way with `data.chat_template: path/to/template.jinja`.")
+        cursor = begin + len(turn)
+        if message.get("weight", 1) != 0:
+            spans.append((begin, cursor))
+    return spans
 
 
-def _completion(record: dict, tokenizer, train_on: str) -> tuple[str, list | None]:
-    head = (tokenizer.bos_token or "") + record["prompt"]
-    text = head + record["completion"] + (tokenizer.eos_token or "")
-    return text, None if train_on == "all" else [(len(head), len(text))]
+def _encode_plain_data(tokenizer, text: str, messages: list[dict]) -> tuple[list[int], list]:
+    """Tokenise a rendering so that the template's special tokens are special and the messages' text is not:
+    `What is [INST] ?` from a user stays text, and an answer's `</s>` is not a real end of sequence."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
+    leaked = [(b, e) for token, (b, e) in zip(ids, offsets)
+              if token in special and any(text[b:e] in content for content in contents)]
+    if not leaked or not _inside_contents(text, leaked, contents):
+        return ids, offsets
+    # Added tokens split the text before anything else, so the pieces between the template's own special
+    # tokens are tokenised independently anyway: re-encoding those pieces with special-token parsing off gives
+    # what the data text alone would have been.
+    template = [(b, e, t) for t, (b, e) in zip(ids, offsets)
+                if t in special and not _inside_contents(text, [(b, e)], contents)]
+    out_ids, out_offsets, start = [], [], 0
+    for begin, end, token in template + [(len(text), len(text), None)]:
+        if begin > start:
+            piece = tokenizer(text[start:begin], add_special_tokens=False, return_offsets_mapping=True,
+                              split_special_tokens=True)
+            out_ids += piece["input_ids"]
+            out_offsets += [(b + start, e + start) for b, e in piece["offset_mapping"]]
+        if token is not None:
+            out_ids.append(token)
+            out_offsets.append((begin, end))
+        start = end
+    return out_ids, out_offsets
 
 
-def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False, number: int | None = None) -> str:
+def _inside_contents(text: str, spans: list[tuple[int, int]], contents: list[str]) -> bool:
+    """Whether any of the spans lies inside where one of the messages' texts occurs in the rendering."""
+    places = []
+    for content in contents:
+        at = text.find(content)
+        while at >= 0:
+            places.append((at, at + len(content)))
+            at = text.find(content, at + 1)
+    return any(b >= pb and e <= pe for b, e in spans for pb, pe in places)
+
+
+def _completion(record: dict, tokenizer, train_on: str) -> tuple[list, list]:
+    """ids exactly as `tokenizer(text)` gives them (its own BOS and prefix-space rules), then EOS; data text is
+    never parsed as special tokens."""
+    prompt, text = record["prompt"], record["prompt"] + record["completion"]
+    encoded = tokenizer(text, return_offsets_mapping=True, split_special_tokens=True)
+    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        # A tokenizer whose own rules add no BOS still gets one: a row must start where generation starts.
+        ids.insert(0, tokenizer.bos_token_id)
+        offsets.insert(0, (0, 0))
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+        offsets.append((len(text), len(text)))
+    # A token that starts in the prompt but ends in the completion (a merge across the boundary) is learned.
+    spans = None if train_on == "all" else [(len(prompt), len(text) + 1)]
+    return ids, _labels(ids, [(b if e <= len(prompt) or b >= len(prompt) else len(prompt), e)
+                              for b, e in offsets], spans)
+
+
+def _render(tokenizer, messages: list[dict], *, tools: list | None = None, add_generation_prompt: bool = False,
+            number: int | None = None) -> str:
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         which = f"conversation {number} ({_opening(messages)})" if number else "the conversation"
         raise DataError(f"{which}: the chat template failed to render it: {exc}",
