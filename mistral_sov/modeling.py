@@ -68,6 +68,12 @@ def load_tokenizer(folder: ModelFolder, *, chat_template: str | None = None, tru
         if not template_file.is_file():
             raise DataError(f"data.chat_template: file '{chat_template}' not found.")
         tokenizer.chat_template = template_file.read_text(encoding="utf-8")
+    from .mistral_native import load_mistral_tokenizer, mistral_tokenizer_file
+
+    mistral_file = mistral_tokenizer_file(folder.path)
+    if mistral_file is not None:
+        # Mistral's own encoder is the tokenizer of record for chat rows (data/tokens.py uses it when present).
+        tokenizer.msov_mistral = load_mistral_tokenizer(mistral_file)
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is harmless.
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,190 @@
+"""Token-exact for Mistral: msov's training ids and masks against mistral-common's, on the real tokenizers it ships,
+and Mistral-shaped model folders (real tokenizers, Mistral's v0.3 template, tiny random weights)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import mistral_common
+from conftest import REPO, SAMPLES, small_recipe
+from mistral_sov.data import load_data_file, tokenize_records
+from mistral_sov.errors import DataError
+from mistral_sov.mistral_native import load_mistral_tokenizer
+
+DATA = Path(mistral_common.__file__).parent / "data"
+TEMPLATE = REPO.parent / "shared" / "mistral" / "mistral-7b-instruct-v0.3.chat_template.jinja"
+FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3",
+         "v7": "mistral_instruct_tokenizer_241114.model.v7", "tekken-240718": "tekken_240718.json",
+         "tekken-240911": "tekken_240911.json"}
+IGNORE = -100
+
+TOOLS = [{"type": "function", "function": {
+    "name": "ticket_status", "description": "Status of a helpdesk ticket",
+    "parameters": {"type": "object", "properties": {"ticket": {"type": "string"}}, "required": ["ticket"]}}}]
+
+
+def _call(call_id: str, ticket: str) -> dict:
+    return {"id": call_id, "type": "function",
+            "function": {"name": "ticket_status", "arguments": json.dumps({"ticket": ticket})}}
+
+
+PLAIN = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Printer jammed."},
+     {"role": "assistant", "content": "Open the tray."}, {"role": "user", "content": "Still jammed."},
+     {"role": "assistant", "content": "Call support."}],
+    [{"role": "system", "content": "Réponds en français.\nToujours."}, {"role": "user", "content": "Grüße 日本語 🙂"},
+     {"role": "assistant", "content": "Ligne 1\nLigne 2\n\n  indentée"}],
+    [{"role": "user", "content": "What is [INST] ? and </s> and <s> and [TOOL_CALLS]"},
+     {"role": "assistant", "content": "Text: [/INST] </s> <s>struck</s> [TOOL_CALLS] [AVAILABLE_TOOLS]"}],
+    [{"role": "user", "content": "one"}, {"role": "assistant", "content": "skip me", "weight": 0},
+     {"role": "user", "content": "two"}, {"role": "assistant", "content": "learn me"}],
+]
+WITH_TOOLS = [
+    {"tools": TOOLS, "messages": [
+        {"role": "system", "content": "You are the helpdesk."}, {"role": "user", "content": "Status of T-42?"},
+        {"role": "assistant", "content": None, "tool_calls": [_call("abcdefghi", "T-42")]},
+        {"role": "tool", "tool_call_id": "abcdefghi", "content": json.dumps({"status": "open [INST]"})},
+        {"role": "assistant", "content": "T-42 is open."}]},
+    {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "Status of T-1?"},
+        {"role": "assistant", "content": None, "tool_calls": [_call("a1b2c3d4e", "T-1")]},
+        {"role": "tool", "tool_call_id": "a1b2c3d4e", "content": "closed"},
+        {"role": "assistant", "content": "T-1 is closed."}, {"role": "user", "content": "And T-2?"},
+        {"role": "assistant", "content": None, "tool_calls": [_call("z9y8x7w6v", "T-2")]},
+        {"role": "tool", "tool_call_id": "z9y8x7w6v", "content": "open"},
+        {"role": "assistant", "content": "T-2 is open."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizers():
+    return {name: load_mistral_tokenizer(DATA / file) for name, file in FILES.items()}
+
+
+def _reference(tokenizer, record: dict) -> list[int]:
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in record["messages"]]
+    return tokenizer.encode_chat_completion(ChatCompletionRequest.from_openai(messages, tools=record.get("tools"))
+                                            ).tokens
+
+
+def _runs(labels: list[int]) -> list[list[int]]:
+    runs, current = [], []
+    for label in labels + [IGNORE]:
+        if label != IGNORE:
+            current.append(label)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_ids_and_mask_equal_mistral_common(mistral_tokenizers, name):
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    mistral = mistral_tokenizers[name]
+    raw = mistral.instruct_tokenizer.tokenizer
+    records = [{"messages": m} for m in PLAIN] + ([] if name == "v1" else WITH_TOOLS)
+    data = tokenize_records(records, SimpleNamespace(msov_mistral=mistral), max_seq_len=4096)
+    assert data.stats.rows_out == len(records)
+    for record, row in zip(records, data.dataset):
+        ids, labels = row["input_ids"], row["labels"]
+        assert ids == _reference(mistral, record)
+        answers = [m for m in record["messages"] if m["role"] == "assistant" and m.get("weight", 1)]
+        runs = _runs(labels)
+        assert len(runs) == len(answers)  # every learned answer, nothing else
+        for run, answer in zip(runs, answers):
+            assert run[-1] == raw.eos_id and run.count(raw.eos_id) == 1  # its EOS, and no EOS from its text
+            text = raw.decode(run, special_token_policy=SpecialTokenPolicy.KEEP)
+            if answer.get("tool_calls"):
+                assert text.startswith("[TOOL_CALLS]") and answer["tool_calls"][0]["id"] in text
+            else:
+                assert run[:-1] == raw.encode(answer["content"], bos=False, eos=False)
+        # Literal special-token text stays text: one BOS, one EOS per answer.
+        assert ids.count(raw.bos_id) == 1
+        assert ids.count(raw.eos_id) == sum(m["role"] == "assistant" for m in record["messages"])
+        for message in record["messages"]:
+            if message["role"] == "system":  # where this version puts it, but present
+                assert raw.encode(message["content"].split("\n")[0], bos=False, eos=False)[1:] != []
+                assert message["content"].split("\n")[0] in raw.decode(ids)
+
+
+def test_v1_refuses_tools_by_name(mistral_tokenizers):
+    with pytest.raises(DataError, match=r"conversation 1 .*Mistral's tokenizer \(v1\) cannot encode it"):
+        tokenize_records([WITH_TOOLS[0]], SimpleNamespace(msov_mistral=mistral_tokenizers["v1"]), max_seq_len=512)
+
+
+def _mistral_folder(root: Path, tokenizer_file: str, *, hf_tokenizer: bool) -> Path:
+    """A folder shaped like a Mistral download: config.json, tiny random weights, the real tokenizer file."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    root.mkdir(parents=True)
+    is_tekken = tokenizer_file.endswith(".json")
+    shutil.copy(DATA / tokenizer_file, root / ("tekken.json" if is_tekken else "tokenizer.model.v3"))
+    if hf_tokenizer:
+        staging = root.parent / f"{root.name}-hf"
+        staging.mkdir()
+        shutil.copy(DATA / tokenizer_file, staging / "tokenizer.model")
+        tok = AutoTokenizer.from_pretrained(staging)
+        tok.chat_template = TEMPLATE.read_text(encoding="utf-8")
+        tok.save_pretrained(root)
+    vocab = 131072 if is_tekken else 32768
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096)
+    MistralForCausalLM(config).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def v03_folder(tmp_path_factory) -> Path:
+    return _mistral_folder(tmp_path_factory.mktemp("mistral") / "Mistral-7B-Instruct-v0.3",
+                           FILES["v3"], hf_tokenizer=True)
+
+
+def test_helpdesk_recipe_data_tokenises_with_system_prompts(v03_folder, mistral_tokenizers):
+    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+    from mistral_sov.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "mistral-7b-lora.yaml")
+    tokenizer = load_tokenizer(inspect_model_folder(str(v03_folder)))
+    assert tokenizer.msov_mistral is not None
+    loaded = load_data_file(recipe.data.train[0].path, "chat")
+    data = tokenize_records(loaded.records, tokenizer, max_seq_len=recipe.train.max_seq_len)
+    assert data.stats.rows_out == loaded.rows == 300
+    raw = mistral_tokenizers["v3"].instruct_tokenizer.tokenizer
+    with_system = [(r, row) for r, row in zip(loaded.records, data.dataset) if r["messages"][0]["role"] == "system"]
+    assert len(with_system) == 253
+    for record, row in with_system[:20]:
+        assert row["input_ids"] == _reference(mistral_tokenizers["v3"], record)
+        assert record["messages"][0]["content"] in raw.decode(row["input_ids"])
+
+
+def test_helpdesk_recipe_trains_on_a_v03_shaped_folder(v03_folder, tmp_path, write_recipe):
+    from mistral_sov.finetune import finetune
+    from mistral_sov.recipe import load_recipe
+
+    data = small_recipe(v03_folder, tmp_path / "out", max_steps=2, batch_size=4, max_seq_len=256)
+    data["data"] = {"train": [{"path": str(SAMPLES / "helpdesk_chat.jsonl"), "format": "chat"}]}
+    summary = finetune(load_recipe(write_recipe(data)))
+    assert summary["train"]["steps"] == 2
+
+
+def test_tekken_only_folder_loads(tmp_path):
+    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+
+    folder = _mistral_folder(tmp_path / "nemo", FILES["tekken-240911"], hf_tokenizer=False)
+    assert not (folder / "tokenizer.json").exists()
+    tokenizer = load_tokenizer(inspect_model_folder(str(folder)))
+    record = {"messages": PLAIN[1]}
+    row = tokenize_records([record], tokenizer, max_seq_len=512).dataset[0]
+    assert row["input_ids"] == _reference(tokenizer.msov_mistral, record)
