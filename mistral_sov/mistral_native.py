@@ -6,9 +6,12 @@ mistral-common is imported only here and only when a Mistral tokenizer file is i
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from pathlib import Path
 
-from .errors import DataError, EnvironmentRefused
+from .errors import DataError, EnvironmentRefused, ModelFolderError
 
 IGNORE = -100
 
@@ -95,3 +98,184 @@ def encode_chat(tokenizer, record: dict, number: int) -> tuple[list[int], list[i
 def _opening(messages: list[dict]) -> str:
     users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
     return f"starting {users[0][:40]!r}" if users and users[0] else "empty"
+
+
+# Native (mistral-inference / mistral-finetune) names against Hugging Face's, as transformers'
+# convert_mistral_weights_to_hf.py maps them; {} is the layer number.
+_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                "ffn_norm": "post_attention_layernorm"}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def is_native_folder(folder: Path) -> bool:
+    return (folder / "params.json").is_file() and not (folder / "config.json").is_file()
+
+
+def hf_name(native: str) -> str | None:
+    if native in _TOP_NAMES:
+        return _TOP_NAMES[native]
+    parts = native.split(".")
+    if parts[0] == "layers" and len(parts) >= 4:
+        inner = ".".join(parts[2:-1])
+        if inner in _LAYER_NAMES:
+            return f"model.layers.{parts[1]}.{_LAYER_NAMES[inner]}.{parts[-1]}"
+    return None
+
+
+def config_from_params(params: dict, where: Path) -> dict:
+    try:
+        heads, dim = params["n_heads"], params["dim"]
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": dim,
+                "intermediate_size": params["hidden_dim"], "num_hidden_layers": params["n_layers"],
+                "num_attention_heads": heads, "num_key_value_heads": params.get("n_kv_heads", heads),
+                "head_dim": params.get("head_dim", dim // heads), "rms_norm_eps": params["norm_eps"],
+                "vocab_size": params["vocab_size"], "rope_theta": params.get("rope_theta", 10000.0),
+                "sliding_window": params.get("sliding_window"), "tie_word_embeddings": False,
+                "max_position_embeddings": params.get("max_seq_len", params.get("max_position_embeddings", 32768)),
+                "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "dtype": "bfloat16"}
+    except KeyError as exc:
+        raise ModelFolderError(f"{where}: params.json has no field {exc}; expected dim, n_layers, n_heads, "
+                               "hidden_dim, norm_eps, vocab_size (mistral-inference's params.json)") from None
+
+
+def params_from_config(config: dict) -> dict:
+    heads = config["num_attention_heads"]
+    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
+              "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+              "hidden_dim": config["intermediate_size"], "n_heads": heads,
+              "n_kv_heads": config.get("num_key_value_heads", heads), "norm_eps": config["rms_norm_eps"],
+              "vocab_size": config["vocab_size"], "rope_theta": config.get("rope_theta", 10000.0)}
+    if config.get("sliding_window"):
+        params["sliding_window"] = config["sliding_window"]
+    return params
+
+
+def _permute(weight, heads: int, to_hf: bool):
+    """Rotary halves: native interleaves the pairs of each head, Hugging Face splits them into two halves."""
+    rows, cols = weight.shape
+    if to_hf:
+        return weight.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return weight.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _stream(plan: list[tuple[Path, str, str, object]], out_file: Path) -> str:
+    """Write one safetensors file tensor by tensor (header planned from the sources' headers), hashing as it
+    goes: memory is one tensor, whatever the model. plan: (source file, source name, output name, transform)."""
+    import hashlib
+    import struct
+
+    from safetensors import safe_open
+
+    header, offset, shapes = {}, 0, []
+    for source, name, out_name, _ in plan:
+        with safe_open(source, "pt") as handle:
+            piece = handle.get_slice(name)
+            dtype, shape = piece.get_dtype(), piece.get_shape()
+        if dtype not in _SIZES:
+            raise ModelFolderError(f"{source}: tensor {name} is {dtype}; expected a full-precision float")
+        size = _SIZES[dtype] * math.prod(shape)
+        header[out_name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    hasher = hashlib.sha256(struct.pack("<Q", len(raw)) + raw)
+    with open(out_file, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for source, name, _, transform in plan:
+            import torch
+
+            with safe_open(source, "pt") as handle:
+                tensor = handle.get_tensor(name)
+            tensor = (transform(tensor) if transform else tensor).contiguous()
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            hasher.update(data)
+            out.write(data)
+            del tensor, data
+    return hasher.hexdigest()
+
+
+def _names(files: list[Path]) -> list[tuple[Path, str]]:
+    from safetensors import safe_open
+
+    found = []
+    for path in files:
+        with safe_open(path, "pt") as handle:
+            found += [(path, name) for name in handle.keys()]
+    return found
+
+
+def convert_native(src: Path, out: Path) -> dict:
+    """A native Mistral folder (consolidated.safetensors + params.json + tokenizer file) as a Hugging Face folder
+    written into the existing folder `out`. Returns the digests of what was read and what was written."""
+    from .manifest import sha256_file
+
+    src, out = Path(src), Path(out)
+    weights = src / "consolidated.safetensors"
+    if not weights.is_file():
+        pickled = sorted(src.glob("consolidated*.pth"))
+        if pickled:
+            raise ModelFolderError(f"{src}: weights are pickle files ({pickled[0].name}); msov reads safetensors "
+                                   "only, because unpickling can run arbitrary code.",
+                                   hint="Use the release's consolidated.safetensors.")
+        raise ModelFolderError(f"{src}: no consolidated.safetensors; expected a native Mistral folder "
+                               "(consolidated.safetensors, params.json, tekken.json or tokenizer.model.v*).")
+    tokenizer = mistral_tokenizer_file(src)
+    if tokenizer is None:
+        raise ModelFolderError(f"{src}: no Mistral tokenizer file (tekken.json or tokenizer.model.v*).")
+    params = json.loads((src / "params.json").read_text(encoding="utf-8"))
+    config = config_from_params(params, src / "params.json")
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    plan = []
+    for path, name in _names([weights]):
+        target = hf_name(name)
+        if target is None:
+            raise ModelFolderError(f"{weights}: tensor {name!r} has no Hugging Face Mistral counterpart "
+                                   "(vision, MoE and LoRA tensors are not converted).")
+        transform = None
+        if target.endswith("q_proj.weight"):
+            transform = (lambda t, h=heads: _permute(t, h, True))
+        elif target.endswith("k_proj.weight"):
+            transform = (lambda t, h=kv: _permute(t, h, True))
+        plan.append((path, name, target, transform))
+    written = {"model.safetensors": _stream(plan, out / "model.safetensors")}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(tokenizer, out / tokenizer.name)
+    read = {name: sha256_file(src / name) for name in ("consolidated.safetensors", "params.json", tokenizer.name)}
+    record = {"converted_from": "mistral native", "read": read, "written": written,
+              "mapping": "transformers convert_mistral_weights_to_hf (q/k rotary permutation)"}
+    (out / "msov-convert.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def write_native(hf_folder: Path, config: dict, out: Path) -> dict[str, str]:
+    """The Hugging Face weights in `hf_folder` as consolidated.safetensors + params.json in `out` (the inverse
+    mapping of convert_native). Returns {file: sha256} of the weights written."""
+    hf_folder = Path(hf_folder)
+    inverse = {v: k for k, v in _TOP_NAMES.items()}
+    for native, hf in _LAYER_NAMES.items():
+        inverse[hf] = native
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    plan = []
+    for path, name in _names(sorted(hf_folder.glob("*.safetensors"))):
+        parts = name.split(".")
+        if name in inverse:
+            target = inverse[name]
+        elif name.startswith("model.layers.") and ".".join(parts[3:-1]) in inverse:
+            target = f"layers.{parts[2]}.{inverse['.'.join(parts[3:-1])]}.{parts[-1]}"
+        else:
+            raise ModelFolderError(f"{path}: tensor {name!r} has no native Mistral counterpart.")
+        transform = None
+        if name.endswith("q_proj.weight"):
+            transform = (lambda t, h=heads: _permute(t, h, False))
+        elif name.endswith("k_proj.weight"):
+            transform = (lambda t, h=kv: _permute(t, h, False))
+        plan.append((path, name, target, transform))
+    digest = _stream(plan, out / "consolidated.safetensors")
+    (out / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n")
+    return {"consolidated.safetensors": digest}

@@ -32,6 +32,13 @@ def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: 
     path = require_local_model(ref)
     config_file = path / "config.json"
     if not config_file.is_file():
+        from .mistral_native import is_native_folder
+
+        if is_native_folder(path):
+            raise ModelFolderError(f"{path}: a native Mistral folder (params.json, no config.json); msov trains "
+                                   "from Hugging Face folders.",
+                                   hint=f"Convert it once, streamed: `msov convert {path} --out FOLDER`, then "
+                                        "point model.path at FOLDER.")
         raise ModelFolderError(f"{path}: no config.json; expected a Hugging Face model folder.")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -188,3 +188,54 @@ def test_tekken_only_folder_loads(tmp_path):
     record = {"messages": PLAIN[1]}
     row = tokenize_records([record], tokenizer, max_seq_len=512).dataset[0]
     assert row["input_ids"] == _reference(tokenizer.msov_mistral, record)
+
+
+def _logits(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        return model(torch.tensor([[1, 1091, 2380, 29473, 1522, 781, 4392]])).logits
+
+
+def test_native_out_and_back_gives_the_same_logits(v03_folder, tmp_path):
+    from mistral_sov.mistral_native import convert_native, write_native
+
+    native, back = tmp_path / "native", tmp_path / "back"
+    native.mkdir()
+    back.mkdir()
+    config = json.loads((v03_folder / "config.json").read_text())
+    written = write_native(v03_folder, config, native)
+    shutil.copy(v03_folder / "tokenizer.model.v3", native)
+    assert sorted(p.name for p in native.iterdir()) == ["consolidated.safetensors", "params.json",
+                                                        "tokenizer.model.v3"]
+    from safetensors import safe_open
+
+    with safe_open(native / "consolidated.safetensors", "pt") as handle:
+        assert "layers.0.attention.wq.weight" in handle.keys() and "tok_embeddings.weight" in handle.keys()
+    record = convert_native(native, back)
+    assert record["read"]["consolidated.safetensors"] == written["consolidated.safetensors"]
+    assert len(record["written"]["model.safetensors"]) == 64
+    import torch
+
+    assert torch.equal(_logits(back), _logits(v03_folder))
+
+
+def test_native_folder_is_pointed_at_convert_and_pickle_refused(tmp_path):
+    from mistral_sov.errors import ModelFolderError
+    from mistral_sov.mistral_native import convert_native
+    from mistral_sov.modeling import inspect_model_folder
+
+    folder = tmp_path / "native"
+    folder.mkdir()
+    (folder / "params.json").write_text("{}")
+    shutil.copy(DATA / FILES["v3"], folder / "tokenizer.model.v3")
+    (folder / "consolidated.00.pth").write_bytes(b"not unpickled")
+    with pytest.raises(ModelFolderError, match="pickle"):
+        convert_native(folder, tmp_path / "out")
+    (folder / "consolidated.00.pth").unlink()
+    (folder / "consolidated.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFolderError, match="native Mistral folder") as info:
+        inspect_model_folder(str(folder))
+    assert "msov convert" in info.value.hint
