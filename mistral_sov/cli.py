@@ -339,7 +339,7 @@ def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool, si
 
 
 # Commands of other areas live in their own modules and register themselves on `app` when imported.
-from . import cli_audit, cli_evaluation, cli_export, cli_system  # noqa: E402,F401
+from . import cli_audit, cli_evaluation, cli_export, cli_mistral, cli_system  # noqa: E402,F401
 
 if __name__ == "__main__":  # `python -m mistral_sov.cli`: the area modules registered on the importable copy
     from mistral_sov.cli import app as registered_app

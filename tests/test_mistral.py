@@ -239,3 +239,28 @@ def test_native_folder_is_pointed_at_convert_and_pickle_refused(tmp_path):
     with pytest.raises(ModelFolderError, match="native Mistral folder") as info:
         inspect_model_folder(str(folder))
     assert "msov convert" in info.value.hint
+
+
+def test_cli_convert_and_data_show(v03_folder, tmp_path, cli, write_recipe):
+    from mistral_sov.mistral_native import write_native
+
+    native = tmp_path / "native"
+    native.mkdir()
+    write_native(v03_folder, json.loads((v03_folder / "config.json").read_text()), native)
+    shutil.copy(v03_folder / "tokenizer.model.v3", native)
+    result = cli("convert", str(native), "--out", str(tmp_path / "hf"), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["read"]) == {"consolidated.safetensors", "params.json", "tokenizer.model.v3"}
+    assert (tmp_path / "hf" / "msov-convert.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
+    again = cli("convert", str(native), "--out", str(tmp_path / "hf"), "--json")
+    assert again.exit_code == 3 and json.loads(again.stdout)["status"] == "error"
+
+    recipe = write_recipe(small_recipe(v03_folder, tmp_path / "out", max_seq_len=512))
+    shown = cli("data", "show", str(recipe), "--rows", "2", "--json")
+    assert shown.exit_code == 0, shown.output
+    rows = json.loads(shown.stdout)["rows"]
+    assert len(rows) == 2 and rows[0]["supervised_tokens"] == sum(rows[0]["supervised"]) > 0
+    assert rows[0]["text"].startswith("<s>[INST]") and len(rows[0]["ids"]) == rows[0]["tokens"]
+    plain = cli("data", "show", str(recipe), "--rows", "1")
+    assert plain.exit_code == 0 and "supervised" in plain.stdout
