@@ -27,6 +27,8 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", help="folder to create (its signature: OUT.sig beside it)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="--merge: bf16 | fp16 | fp32 (default: as stored)"),
     shard_size: str = typer.Option("5GB", "--shard-size", help="--merge: largest weight file, e.g. 5GB, 500MB"),
+    fmt: str = typer.Option("hf", "--format", help="--merge: hf (Hugging Face folder) | mistral "
+                            "(consolidated.safetensors + params.json + tokenizer file)"),
     registry: Optional[Path] = typer.Option(None, "--registry", help="--adapter: publish to DIR/<name>/<version>/"),
     version: Optional[str] = typer.Option(None, "--version", help="--adapter --registry: semantic version, 1.4.0"),
     name: Optional[str] = typer.Option(None, "--name", help="--registry: adapter name (default: the run's name)"),
@@ -45,8 +47,10 @@ def export(
         raise UsageError("--registry/--version publish adapters; a merged checkpoint goes to --out DIR.")
     if merge and out is None:
         raise UsageError("--merge needs --out DIR.")
-    if adapter and (dtype or shard_size != "5GB"):
-        raise UsageError("--dtype and --shard-size apply to --merge only.")
+    if adapter and (dtype or shard_size != "5GB" or fmt != "hf"):
+        raise UsageError("--dtype, --shard-size and --format apply to --merge only.")
+    if fmt not in ("hf", "mistral"):
+        raise UsageError(f"--format {fmt}: expected hf or mistral.")
     if adapter and version and registry is None:
         raise UsageError("--version needs --registry DIR.")
     if adapter and registry is not None and overwrite:
@@ -56,7 +60,7 @@ def export(
         from .export import export_merged
 
         result = export_merged(run, out, dtype=dtype, shard_size=shard_size, key=key, base=base,
-                               include_paths=include_paths, overwrite=overwrite, on_event=events)
+                               include_paths=include_paths, overwrite=overwrite, on_event=events, fmt=fmt)
     else:
         from .registry import export_adapter
 

@@ -112,7 +112,7 @@ def base_digest(files: dict[str, str]) -> str | None:
 
 def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_size: str | int = "5GB",
                   key: Path | None = None, base: Path | None = None, include_paths: bool = False,
-                  overwrite: bool = False, on_event=_ignore) -> dict:
+                  overwrite: bool = False, on_event=_ignore, fmt: str = "hf") -> dict:
     """`msov export RUN --merge --out OUT`: base + adapter as one standard Hugging Face folder (signed: OUT.sig)."""
     from .provenance import read_provenance, write_provenance
     from .registry import base_license, check_target, copy_tokenizer, folder_digest, model_card, publish, staged
@@ -158,6 +158,10 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
         if (folder.path / "generation_config.json").is_file():
             shutil.copyfile(folder.path / "generation_config.json", stage.folder / "generation_config.json")
         copy_tokenizer(folder.path, stage.folder, run.recipe)
+        if fmt == "mistral":  # the same merged weights in Mistral's native layout (mistral-inference, vLLM)
+            from .mistral_native import native_layout
+
+            merged["files"] = native_layout(stage.folder, model_config, folder.path)
 
         # 5. provenance (what went in, and how it was merged) and the card
         quant = run.recipe.get("quantization")

@@ -279,3 +279,21 @@ def write_native(hf_folder: Path, config: dict, out: Path) -> dict[str, str]:
     digest = _stream(plan, out / "consolidated.safetensors")
     (out / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n")
     return {"consolidated.safetensors": digest}
+
+
+def native_layout(folder: Path, config: dict, base: Path) -> dict[str, str]:
+    """Replace the Hugging Face weights and config in `folder` by consolidated.safetensors + params.json + the
+    base's Mistral tokenizer file. Returns {file: sha256} of the weights."""
+    tokenizer = mistral_tokenizer_file(Path(base))
+    if tokenizer is None:
+        raise ModelFolderError(f"{base}: no Mistral tokenizer file (tekken.json or tokenizer.model.v*), which a "
+                               "native Mistral export must carry.", hint="Export with --format hf.")
+    folder = Path(folder)
+    hf_weights = sorted(folder.glob("*.safetensors"))
+    digests = write_native(folder, config, folder)
+    for path in hf_weights + [folder / "model.safetensors.index.json", folder / "config.json",
+                              folder / "generation_config.json"]:
+        path.unlink(missing_ok=True)
+    if not (folder / tokenizer.name).is_file():
+        shutil.copyfile(tokenizer, folder / tokenizer.name)
+    return digests

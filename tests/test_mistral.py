@@ -169,14 +169,43 @@ def test_helpdesk_recipe_data_tokenises_with_system_prompts(v03_folder, mistral_
         assert record["messages"][0]["content"] in raw.decode(row["input_ids"])
 
 
-def test_helpdesk_recipe_trains_on_a_v03_shaped_folder(v03_folder, tmp_path, write_recipe):
+@pytest.fixture(scope="module")
+def v03_run(v03_folder, tmp_path_factory):
+    import yaml
+
     from mistral_sov.finetune import finetune
     from mistral_sov.recipe import load_recipe
 
-    data = small_recipe(v03_folder, tmp_path / "out", max_steps=2, batch_size=4, max_seq_len=256)
+    root = tmp_path_factory.mktemp("v03-run")
+    data = small_recipe(v03_folder, root / "out", max_steps=2, batch_size=4, max_seq_len=256)
     data["data"] = {"train": [{"path": str(SAMPLES / "helpdesk_chat.jsonl"), "format": "chat"}]}
-    summary = finetune(load_recipe(write_recipe(data)))
-    assert summary["train"]["steps"] == 2
+    (root / "r.yaml").write_text(yaml.safe_dump(data))
+    return finetune(load_recipe(root / "r.yaml")), root / "out"
+
+
+def test_helpdesk_recipe_trains_on_a_v03_shaped_folder(v03_run):
+    summary, out = v03_run
+    assert summary["train"]["steps"] == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_export_format_mistral_converts_back_to_the_hf_export(v03_run, tmp_path, cli):
+    _, run = v03_run
+    key = tmp_path / "key"
+    assert cli("keygen", "--out", str(key)).exit_code == 0
+    hf, native, back = tmp_path / "hf", tmp_path / "native", tmp_path / "back"
+    assert cli("export", str(run), "--merge", "--out", str(hf)).exit_code == 0
+    result = cli("export", str(run), "--merge", "--format", "mistral", "--out", str(native), "--key",
+                 f"{key}.pem", "--json")
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in native.iterdir()}
+    assert {"consolidated.safetensors", "params.json", "tokenizer.model.v3"} <= names
+    assert not names & {"config.json", "model.safetensors"}
+    verified = cli("verify", str(native), "--key", f"{key}.pub", "--json")
+    assert verified.exit_code == 0, verified.output
+    assert cli("convert", str(native), "--out", str(back)).exit_code == 0
+    import torch
+
+    assert torch.allclose(_logits(back), _logits(hf), atol=1e-6)
 
 
 def test_tekken_only_folder_loads(tmp_path):
