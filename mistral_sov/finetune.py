@@ -65,7 +65,7 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weight
         on_event("warning", {"text": "model.trust_remote_code is on: Python code shipped in the model folder "
                                      "will run on this machine."})
     tokenizer = load_tokenizer(folder, chat_template=recipe.data.chat_template,
-                               trust_remote_code=recipe.model.trust_remote_code)
+                               trust_remote_code=recipe.model.trust_remote_code, of_record=recipe.data.tokenizer)
 
     on_event("stage", {"text": "loading and validating data"})
     prepared = PreparedData(folder=folder, tokenizer=tokenizer)

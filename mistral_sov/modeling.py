@@ -64,7 +64,10 @@ def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: 
     return ModelFolder(path=path, config=config, weight_files=safe or pickled, pickle_files=pickled)
 
 
-def load_tokenizer(folder: ModelFolder, *, chat_template: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(folder: ModelFolder, *, chat_template: str | None = None, trust_remote_code: bool = False,
+                   of_record: str | None = None):
+    """The folder's tokenizer; with mistral-common's encoder attached (`msov_mistral`) as the tokenizer of record
+    for chat rows when the folder ships a Mistral tokenizer file, unless data.tokenizer says `template`."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -77,7 +80,11 @@ def load_tokenizer(folder: ModelFolder, *, chat_template: str | None = None, tru
         tokenizer.chat_template = template_file.read_text(encoding="utf-8")
     from .mistral_native import load_mistral_tokenizer, mistral_tokenizer_file
 
-    mistral_file = mistral_tokenizer_file(folder.path)
+    mistral_file = mistral_tokenizer_file(folder.path) if of_record != "template" else None
+    if mistral_file is None and of_record == "mistral":
+        raise ModelFolderError(f"data.tokenizer: mistral, but {folder.path} has no Mistral tokenizer file "
+                               "(tekken.json or tokenizer.model.v*).",
+                               hint="Copy it from the model's release, or remove data.tokenizer.")
     if mistral_file is not None:
         # Mistral's own encoder is the tokenizer of record for chat rows (data/tokens.py uses it when present).
         tokenizer.msov_mistral = load_mistral_tokenizer(mistral_file)

@@ -48,6 +48,9 @@ class DataSection(_Strict):
     train: list[DataFile] = Field(min_length=1)
     eval: list[DataFile] = Field(default_factory=list)
     chat_template: Optional[str] = Field(None, description="jinja file overriding the tokenizer's chat template")
+    tokenizer: Optional[Literal["mistral", "template"]] = Field(
+        None, description="chat rows encoded by mistral-common (mistral) or the chat template (template); "
+                          "default: mistral when the model folder ships tekken.json or tokenizer.model.v*")
     train_on: Literal["completion", "all"] = "completion"
     overlong: Literal["truncate", "drop"] = "truncate"
     packing: bool = Field(True, description="pack the rows of a batch into padding-free sequences of "

@@ -293,3 +293,24 @@ def test_cli_convert_and_data_show(v03_folder, tmp_path, cli, write_recipe):
     assert rows[0]["text"].startswith("<s>[INST]") and len(rows[0]["ids"]) == rows[0]["tokens"]
     plain = cli("data", "show", str(recipe), "--rows", "1")
     assert plain.exit_code == 0 and "supervised" in plain.stdout
+
+
+def test_data_tokenizer_template_on_mistrals_own_template(v03_folder, tiny_model):
+    from mistral_sov.errors import ModelFolderError
+    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+
+    tokenizer = load_tokenizer(inspect_model_folder(str(v03_folder)), of_record="template")
+    assert getattr(tokenizer, "msov_mistral", None) is None
+    records = load_data_file(SAMPLES / "helpdesk_chat.jsonl", "chat").records
+    # The v0.3 template places the system prompt only when the conversation ends with a user turn: a training
+    # conversation loses it. That is an error naming the row, never silence, whatever is trained on.
+    for train_on in ("completion", "all"):
+        with pytest.raises(DataError, match=r"conversation 1 .*message 0 \(system\) is not in the text"):
+            tokenize_records(records[:1], tokenizer, max_seq_len=2048, train_on=train_on)
+    plain = [r for r in records if r["messages"][0]["role"] != "system"][:10]
+    data = tokenize_records(plain, tokenizer, max_seq_len=2048)
+    for record, row in zip(plain, data.dataset):
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        assert [tokenizer.decode(run).strip() for run in _runs(row["labels"])] == [f"{a}</s>" for a in answers]
+    with pytest.raises(ModelFolderError, match="data.tokenizer: mistral"):
+        load_tokenizer(inspect_model_folder(str(tiny_model)), of_record="mistral")
