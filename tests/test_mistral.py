@@ -314,3 +314,22 @@ def test_data_tokenizer_template_on_mistrals_own_template(v03_folder, tiny_model
         assert [tokenizer.decode(run).strip() for run in _runs(row["labels"])] == [f"{a}</s>" for a in answers]
     with pytest.raises(ModelFolderError, match="data.tokenizer: mistral"):
         load_tokenizer(inspect_model_folder(str(tiny_model)), of_record="mistral")
+
+
+@pytest.mark.parametrize("name", ["v3", "tekken-240911"])
+def test_completion_rows_are_the_tokenizers_own_encoding(name, tmp_path, mistral_tokenizers):
+    from transformers import AutoTokenizer
+
+    is_tekken = name.startswith("tekken")
+    shutil.copy(DATA / FILES[name], tmp_path / ("tekken.json" if is_tekken else "tokenizer.model"))
+    # The Hugging Face path (as a release's tokenizer_config.json names them), and the Mistral one.
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, bos_token="<s>", eos_token="</s>")
+    raw = mistral_tokenizers[name].instruct_tokenizer.tokenizer
+    for of_record in (tokenizer, SimpleNamespace(msov_mistral=mistral_tokenizers[name], is_fast=True)):
+        for prompt, completion in [("Ticket NS-1 is", " closed."), ("Grüße\n", "日本語 🙂"), ("a </s>", " <s>b")]:
+            row = tokenize_records([{"prompt": prompt, "completion": completion}], of_record,
+                                   max_seq_len=64).dataset[0]
+            assert row["input_ids"] == raw.encode(prompt + completion, bos=True, eos=True)
+            assert row["input_ids"].count(raw.eos_id) == 1
+            learned = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE]
+            assert learned[-1] == raw.eos_id and raw.decode(learned).strip() == completion.strip()

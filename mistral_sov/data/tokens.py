@@ -69,8 +69,7 @@ def tokenize_records(records: list[dict], tokenizer, *, max_seq_len: int, overlo
 
     encoded = [(_mistral_chat(mistral, record, number, train_on) if mistral is not None and "messages" in record
                 else _chat(record, tokenizer, train_on, number) if "messages" in record
-                else _mistral_completion(mistral, record, train_on)
-                if mistral is not None and not getattr(tokenizer, "is_fast", False)
+                else _mistral_completion(mistral, record, train_on) if mistral is not None
                 else _completion(record, tokenizer, train_on))
                for number, record in enumerate(records, 1)]
 
@@ -134,7 +133,8 @@ def _mistral_chat(mistral, record: dict, number: int, train_on: str = "completio
 
 
 def _mistral_completion(mistral, record: dict, train_on: str) -> tuple[list, list]:
-    """A completion row by mistral-common alone (a folder whose Hugging Face tokenizer has no offsets)."""
+    """A completion row by the tokenizer of record: a tekken.json-only folder's Hugging Face tokenizer knows no
+    BOS or EOS."""
     raw = mistral.instruct_tokenizer.tokenizer
     ids = raw.encode(record["prompt"] + record["completion"], bos=True, eos=True)
     head = len(raw.encode(record["prompt"], bos=True, eos=False)) if train_on != "all" else 1
