@@ -41,7 +41,7 @@ class QuantizationSection(_Strict):
 
 class DataFile(_Strict):
     path: str
-    format: Literal["auto", "chat", "instruction", "completion"] = "auto"
+    format: Literal["auto", "chat", "sharegpt", "instruction", "completion"] = "auto"
 
 
 class DataSection(_Strict):

@@ -142,7 +142,7 @@ def test_bad_role_in_jsonl_names_line_and_field(tmp_path):
     bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}
     path = write_jsonl(tmp_path / "train.jsonl", [good, good, bad])
     message = problems_of(path)
-    assert f"{path}:3: messages[1].role: expected one of system, user, assistant, got 'bot'" in message
+    assert f"{path}:3: messages[1].role: expected one of system, user, assistant, tool, got 'bot'" in message
     assert "1 problem in 1 row" in message
 
 

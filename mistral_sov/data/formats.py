@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 
-FORMATS = ("chat", "instruction", "completion")
-ROLES = ("system", "user", "assistant")
+FORMATS = ("chat", "sharegpt", "instruction", "completion")
+ROLES = ("system", "user", "assistant", "tool")
+
+# ShareGPT speaker names as axolotl and LLaMA-Factory read them; function_call is the assistant calling a tool.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
+                  "function_call": "function_call"}
 
 # What each format needs, worded for "expected ..." messages.
 EXPECTED = {
     "chat": "messages (chat)",
+    "sharegpt": "conversations of {from, value} (sharegpt)",
     "instruction": "instruction + output (instruction)",
     "completion": "text, or prompt + completion (completion)",
 }
@@ -30,6 +37,8 @@ def detect_format(row: dict) -> str | None:
     present = {key for key, value in row.items() if value is not None and value != ""}
     if "messages" in present:
         return "chat"
+    if "conversations" in present:
+        return "sharegpt"
     if {"instruction", "output"} <= present:
         return "instruction"
     if "text" in present or {"prompt", "completion"} <= present:
@@ -99,40 +108,139 @@ def check_chat(row: dict) -> tuple[dict | None, Problems]:
     if not isinstance(messages, (list, tuple)) or not messages:
         return None, [("messages", f"expected a non-empty list of {{role, content}} objects, got {describe(messages)}")]
 
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            problems.append((where, f"expected an object with role and content, got {describe(message)}"))
-            continue
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            got = "nothing" if "role" not in message else describe(role)
-            problems.append((f"{where}.role", f"expected one of {', '.join(ROLES)}, got {got}"))
-        if not isinstance(content, str) or not content.strip():
-            got = "nothing" if "content" not in message else describe(content)
-            problems.append((f"{where}.content", f"expected a non-empty string, got {got}"))
-        out.append({"role": role, "content": content})
+    out = [_check_message(f"messages[{i}]", message, problems) for i, message in enumerate(messages)]
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        problems.append(("tools", f"expected a list of function tool schemas, got {describe(tools)}"))
     if problems:
         return None, problems
 
     # Order rules are checked only once every message is well-formed: otherwise they would repeat the above.
-    order = _check_order([m["role"] for m in out])
+    order = _check_order(out)
     if order:
         return None, [order]
-    return {"messages": out}, []
+    return ({"messages": out, "tools": tools} if tools else {"messages": out}), []
 
 
-def _check_order(roles: list[str]) -> tuple[str, str] | None:
+def _check_message(where: str, message, problems: Problems) -> dict | None:
+    if not isinstance(message, dict):
+        problems.append((where, f"expected an object with role and content, got {describe(message)}"))
+        return None
+    role, content = message.get("role"), _content(where, message.get("content"), problems)
+    if role not in ROLES:
+        got = "nothing" if "role" not in message else describe(role)
+        problems.append((f"{where}.role", f"expected one of {', '.join(ROLES)}, got {got}"))
+    out = {"role": role, "content": content}
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if calls is not None:
+        out["tool_calls"] = _tool_calls(where, calls, problems)
+    elif content is not False and (not isinstance(content, str) or not content.strip()):
+        got = "nothing" if "content" not in message else describe(message.get("content"))
+        problems.append((f"{where}.content", f"expected a non-empty string, got {got}"))
+    if role == "tool" and message.get("tool_call_id") is not None:
+        out["tool_call_id"] = str(message["tool_call_id"])
+    if role == "assistant" and "weight" in message:
+        if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+            problems.append((f"{where}.weight", f"expected 0 or 1, got {describe(message['weight'])}"))
+        out["weight"] = message["weight"]
+    return out
+
+
+def _content(where: str, content, problems: Problems):
+    """OpenAI content: a string, or a list of parts of which only text can be trained on. False: already reported."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            problems.append((f"{where}.content[{k}]", f"expected a text part {{type: text, text}}, got "
+                             + (f"a '{kind}' part: msov trains text models only" if kind else describe(part))))
+            return False
+    return "".join(texts)
+
+
+def _tool_calls(where: str, calls, problems: Problems) -> list | None:
+    if not isinstance(calls, list) or not calls:
+        problems.append((f"{where}.tool_calls", f"expected a non-empty list of tool calls, got {describe(calls)}"))
+        return None
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            problems.append((f"{where}.tool_calls[{k}].function.name", "expected the name of the function called"))
+        elif not isinstance(function.get("arguments"), str):
+            problems.append((f"{where}.tool_calls[{k}].function.arguments",
+                             f"expected JSON text, got {describe(function.get('arguments'))}"))
+    return calls
+
+
+def check_sharegpt(row: dict) -> tuple[dict | None, Problems]:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return None, [("conversations", f"expected a non-empty list of {{from, value}} turns, got {describe(turns)}")]
+    messages, problems = [], []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = SHAREGPT_ROLES.get(speaker.lower() if isinstance(speaker, str) else None)
+        if role is None:
+            problems.append((f"conversations[{i}].from", f"expected one of {', '.join(SHAREGPT_ROLES)}, got "
+                             + ("nothing" if not isinstance(turn, dict) or "from" not in turn else describe(speaker))))
+            continue
+        value = turn.get("value")
+        if role == "function_call":
+            messages.append(_sharegpt_call(i, value, len(messages), problems))
+        else:
+            messages.append({"role": role, "content": value})
+    if problems:
+        return None, problems
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)  # LLaMA-Factory keeps the tool schemas as JSON text
+        except json.JSONDecodeError as exc:
+            return None, [("tools", f"expected a list of tool schemas (JSON text); not valid JSON: {exc.msg}")]
+    record, found = check_chat({"messages": messages, **({"tools": tools} if tools else {})})
+    # Report in the file's own terms: conversations[i], not the messages[i] it was turned into.
+    return record, [(name.replace("messages", "conversations", 1), what) for name, what in found]
+
+
+def _sharegpt_call(i: int, value, n: int, problems: Problems) -> dict:
+    try:
+        call = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        call = None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        problems.append((f"conversations[{i}].value", 'expected a function call as JSON text {"name", "arguments"}'))
+        return {}
+    arguments = call.get("arguments", {})
+    return {"role": "assistant", "content": None, "tool_calls": [{
+        "id": f"call_{n}", "type": "function",
+        "function": {"name": call["name"],
+                     "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}]}
+
+
+def _check_order(messages: list[dict]) -> tuple[str, str] | None:
+    roles = [m["role"] for m in messages]
     start = 1 if roles[0] == "system" else 0
+    expected = "user"
     for i, role in enumerate(roles[start:], start):
         if role == "system":
             return f"messages[{i}].role", "a system message is only allowed as the first message"
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        # A tool result answers the assistant's call; more results may follow, then the assistant speaks again.
+        if role == "tool" and (expected == "tool" or roles[i - 1] == "tool"):
+            expected = "assistant"
+            continue
         if role != expected:
             return (f"messages[{i}].role",
                     f"expected '{expected}' here (after the optional system message, user and assistant "
-                    f"messages must alternate, starting with user), got '{role}'")
+                    f"messages must alternate, starting with user; tool results follow an assistant's tool "
+                    f"calls), got '{role}'")
+        if role == "assistant":
+            expected = "tool" if messages[i].get("tool_calls") else "user"
+        else:
+            expected = "assistant"
     if roles[-1] != "assistant":
         last = len(roles) - 1
         why = ("there is no assistant message to learn from" if "assistant" not in roles
@@ -174,4 +282,4 @@ def check_completion(row: dict) -> tuple[dict | None, Problems]:
     return {"prompt": prompt, "completion": completion}, []
 
 
-_CHECKS = {"chat": check_chat, "instruction": check_instruction, "completion": check_completion}
+_CHECKS = {"chat": check_chat, "sharegpt": check_sharegpt, "instruction": check_instruction, "completion": check_completion}

@@ -22,6 +22,24 @@ Problem = tuple[str, "str | None", str]
 Rows = list[tuple[str, dict]]
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Python's parser gives up near 1,000 levels; no training row needs more than a handful.
+TOO_DEEP = "the record is nested too deeply to read (arrays or objects inside each other over ~1,000 levels)"
+
+
+def _lone_surrogate(row) -> str | None:
+    """JSON escapes may spell half of a UTF-16 pair (\\ud800), which is no character: no tokenizer or file can
+    hold it, so it is refused here, where the line is known, rather than failing later in a library."""
+    try:
+        strings = list(iter_strings(row))
+    except RecursionError:
+        return TOO_DEEP
+    for text in strings:
+        found = _SURROGATE.search(text)
+        if found:
+            return (f"a string holds a lone surrogate \\u{ord(found.group()):04x} (half of a UTF-16 pair, not a "
+                    f"character) at character {found.start() + 1}: {text[max(0, found.start() - 20):found.start()]!r}")
+    return None
 
 
 def iter_strings(value) -> Iterator[str]:
@@ -55,6 +73,13 @@ def read_jsonl(path: Path) -> tuple[Rows, list[Problem]]:
             except json.JSONDecodeError as exc:
                 problems.append((place, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
                 continue
+            except RecursionError:
+                problems.append((place, None, TOO_DEEP))
+                continue
+            surrogate = _lone_surrogate(row)
+            if surrogate:
+                problems.append((place, None, surrogate))
+                continue
             if not isinstance(row, dict):
                 problems.append((place, None, f"expected one JSON object per line, got {_json_type(row)}"))
                 continue
@@ -71,6 +96,8 @@ def read_json(path: Path) -> tuple[Rows, list[Problem]]:
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})",
                         hint="A .json data file holds one array of records; for one record per line use .jsonl.")
+    except RecursionError:
+        raise DataError(f"{path}:1: {TOO_DEEP}")
     records, key = _records_of(path, document)
     try:
         newlines = [m.start() for m in re.finditer("\n", text)]
@@ -83,7 +110,10 @@ def read_json(path: Path) -> tuple[Rows, list[Problem]]:
     rows: Rows = []
     problems: list[Problem] = []
     for place, record in zip(lines, records):
-        if isinstance(record, dict):
+        surrogate = _lone_surrogate(record)
+        if surrogate:
+            problems.append((place, None, surrogate))
+        elif isinstance(record, dict):
             rows.append((place, record))
         else:
             problems.append((place, None, f"expected each record to be a JSON object, got {_json_type(record)}"))
