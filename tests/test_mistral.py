@@ -333,3 +333,21 @@ def test_completion_rows_are_the_tokenizers_own_encoding(name, tmp_path, mistral
             assert row["input_ids"].count(raw.eos_id) == 1
             learned = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE]
             assert learned[-1] == raw.eos_id and raw.decode(learned).strip() == completion.strip()
+
+
+def test_nemo_like_folder_with_tokenizer_json_loads(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+
+    folder = _mistral_folder(tmp_path / "nemo", FILES["tekken-240911"], hf_tokenizer=False)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    shutil.copy(folder / "tekken.json", staging)
+    AutoTokenizer.from_pretrained(staging, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    assert (folder / "tokenizer.json").is_file() and (folder / "tekken.json").is_file()
+    tokenizer = load_tokenizer(inspect_model_folder(str(folder)))
+    records = [{"messages": PLAIN[2]}, {"prompt": "Ticket", "completion": " closed"}]
+    data = tokenize_records(records, tokenizer, max_seq_len=512)
+    assert data.stats.rows_out == 2
+    assert data.dataset[0]["input_ids"] == _reference(tokenizer.msov_mistral, records[0])
