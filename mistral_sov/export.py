@@ -135,6 +135,9 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
             f"msov merges into full-precision weights only, never into dequantized ones.",
             hint="Point --base at the full-precision release of the same model.")
     check_target(out, overwrite)
+    from .paths import refuse_overlap
+
+    refuse_overlap(out, [run_path, folder.path], what="--out")
     key_hint = check_signing_key(key, outside=(out,)) if key else None
 
     # 2. the base files the merge reads are the files the run trained on

@@ -13,7 +13,7 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +23,7 @@ from .errors import Interrupted
 from .offline import enforce_offline_env
 from .ranks import all_ranks_agree, is_main_process, world_size
 from .recipe import Recipe, load_recipe
-from .run_folder import check_targets, publish
+from .run_folder import check_same_inputs, check_targets, publish, refuse_overlapping_inputs, run_lock
 from .training import EventSink
 
 
@@ -106,6 +106,14 @@ def dry_run(recipe: Recipe, on_event: EventSink = _ignore) -> dict:
 
 def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
              on_event: EventSink = _ignore, sign_key: str | None = None) -> dict:
+    """Train and publish one run; rank 0 holds the run's lock from the first check to the publish."""
+    with ExitStack() as held:
+        return _finetune(recipe, resume=resume, overwrite=overwrite, on_event=on_event, sign_key=sign_key,
+                         held=held)
+
+
+def _finetune(recipe: Recipe, *, resume: bool, overwrite: bool, on_event: EventSink, sign_key: str | None,
+              held: ExitStack) -> dict:
     started_at, clock = _now(), time.monotonic()
 
     # 1. decide where the run goes, before any expensive work
@@ -115,6 +123,9 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     sign_key = sign_key or recipe.output.sign_key  # the --sign-key flag wins over the recipe
 
     def check_everything():
+        if main:  # inside the agreement, so every rank stops when another run holds the folder
+            refuse_overlapping_inputs(recipe, out_dir, work_dir)  # before the lock file is created
+            held.enter_context(run_lock(out_dir))
         checkpoint = check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
         if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
             from .keys import check_signing_key
@@ -141,10 +152,15 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     from .evaluate import evaluation_loss, generate_reply
     from .manifest import digest_folder
     from .modeling import attach_lora, load_model, parameter_counts
-    from .training import build_trainer, check_resumable, checkpoint_step, make_collator, trim_metrics
+    from .training import (build_trainer, check_resumable, checkpoint_step, checkpoints, is_complete, make_collator,
+                           trim_metrics)
 
     on_event("stage", {"text": "hashing base model"})
     base_digests = digest_folder(prepared.folder.path)
+    inputs = {"data": [[str(f.path), f.sha256] for f in prepared.train_files + prepared.eval_files],
+              "base_model": base_digests}
+    all_ranks_agree(lambda: check_same_inputs(work_dir / "inputs.json", inputs, resume=checkpoint is not None)
+                    if main else None)
     on_event("stage", {"text": "loading base model"})
     set_seed(recipe.train.seed)
     base = load_model(prepared.folder, recipe.model, quantization=recipe.quantization,
@@ -167,6 +183,11 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
     if main:
         (work_dir / "recipe.yaml").write_text(recipe.to_yaml())
     if checkpoint is not None and main:
+        for partial in checkpoints(work_dir / "checkpoints"):  # a kill mid-save: that step runs and saves again
+            if not is_complete(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+                on_event("warning", {"text": f"skipped {partial.name}: incomplete (the run was stopped while "
+                                             "writing it)"})
         trim_metrics(work_dir / "metrics.jsonl", checkpoint_step(checkpoint))
         on_event("stage", {"text": f"resuming from {checkpoint.name}"})
     trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,
@@ -179,8 +200,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     on_event("train_end", {})
     if stop["requested"]:
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
-                          f"'{work_dir / 'checkpoints'}'.", hint="Continue with the same command plus --resume.")
+        stopped = Interrupted(f"interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
+                              f"'{work_dir / 'checkpoints'}'.", hint="Continue with the same command plus --resume.")
+        stopped.exit_code = 128 + stop["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
+        raise stopped
 
     # 6. where we ended: eval loss and the same sample after training (every rank: under FSDP each forward pass
     #    gathers the shards of all ranks)
@@ -300,7 +323,8 @@ def _stop_at_step_boundary(trainer) -> dict:
 
 @contextmanager
 def _first_ctrl_c_requests(stop: dict):
-    """The first Ctrl-C asks for a clean stop at the next step boundary; a second one stops at once."""
+    """The first Ctrl-C (or SIGTERM, as sent by schedulers) asks for a clean stop at the next step boundary; a
+    second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -308,13 +332,14 @@ def _first_ctrl_c_requests(stop: dict):
     def on_sigint(signum, frame):
         if stop["requested"]:
             raise KeyboardInterrupt
-        stop["requested"] = True
+        stop["requested"], stop["signal"] = True, signum
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _data_summary(prepared: PreparedData) -> dict:

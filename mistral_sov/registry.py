@@ -58,6 +58,9 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
     else:
         target = Path(out)
         check_target(target, overwrite)
+    from .paths import refuse_overlap
+
+    refuse_overlap(target, [run_path, base, (run.summary.get("base_model") or {}).get("path")], what="--out")
     key_hint = check_signing_key(key, outside=(target,)) if key else None
 
     with staged(target, sig_inside=REGISTRY_SIG if registry is not None else None) as stage:
@@ -253,6 +256,9 @@ def check_target(target: Path, overwrite: bool) -> None:
     if Path(target).exists() and not overwrite:
         raise InputError(f"{target}: already exists; msov never replaces an export unless asked.",
                          hint="Pass --overwrite, or choose another --out.")
+    from .paths import refuse_foreign
+
+    refuse_foreign(target, what="--out")  # --overwrite replaces msov's own exports only
 
 
 def copy_tokenizer(base: Path, out: Path, recipe: dict) -> list[str]:

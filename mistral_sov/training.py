@@ -126,13 +126,58 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
     )
 
 
+COMPLETE_MARKER = "msov-complete"  # written last, fsynced: the Trainer itself writes checkpoint-N/ in place
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    found = checkpoints(checkpoint_dir)
+    complete = [p for p in found if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    # A checkpoint is complete only once the Trainer wrote its state file, which it does last.
-    found = [(step, p) for step, p in found if (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Marked complete after every file was fsynced, and still readable (a later truncation is caught too)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not (checkpoint / COMPLETE_MARKER).is_file():
+        return False
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        for weights in checkpoint.rglob("*.safetensors"):
+            with safe_open(str(weights), framework="pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return True
+
+
+def mark_complete(checkpoint: Path) -> None:
+    import os
+
+    for item in sorted(checkpoint.rglob("*")):
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write("ok\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    for folder in (checkpoint, checkpoint.parent):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def check_resumable(checkpoint: Path, *, fsdp: bool) -> None:
@@ -158,10 +203,20 @@ def trim_metrics(metrics_file: Path, after_step: int) -> None:
     """On resume, drop lines logged after the checkpoint: those steps run again and will be logged again."""
     if not metrics_file.is_file():
         return
-    kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+    kept = [line for line in metrics_file.read_text(errors="replace").splitlines()
+            if (record := _json_or_none(line)) is not None and record.get("step", 0) <= after_step]
     tmp = metrics_file.with_name(metrics_file.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(metrics_file)
+
+
+def _json_or_none(line: str):
+    """A kill mid-write leaves a torn last line: it is dropped (its step runs again and is logged again)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _callbacks(metrics_file: Path, on_event: EventSink):
@@ -193,6 +248,10 @@ def _callbacks(metrics_file: Path, on_event: EventSink):
             with open(metrics_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
             on_event("log", record)
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:  # called once the Trainer finished writing the checkpoint
+                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     return [MetricsAndProgress()]
 
