@@ -227,7 +227,7 @@ def tiny_model(
 @command(group=data_app, name="validate")
 def data_validate(
     files: List[Path] = typer.Argument(..., help="data files (.jsonl, .json, .csv, .parquet)"),
-    fmt: str = typer.Option("auto", "--format", help="auto | chat | instruction | completion"),
+    fmt: str = typer.Option("auto", "--format", help="auto | chat | sharegpt | instruction | completion | preference"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check data files row by row; report every problem as file:line: field: problem."""
@@ -235,13 +235,15 @@ def data_validate(
 
     results = []
     for path in files:
-        loaded = load_data_file(path, fmt)
-        results.append({"path": str(path), "format": loaded.format, "rows": loaded.rows, "sha256": loaded.sha256})
+        loaded = load_data_file(path, fmt, sft=False)
+        results.append({"path": str(path), "format": loaded.format, "rows": loaded.rows, "sha256": loaded.sha256,
+                        "roles": loaded.roles, "fields": loaded.fields})
     if as_json:
         print(json.dumps({"status": "ok", "files": results}))
     else:
         for r in results:
-            print(f"ok  {r['path']}: {r['rows']} rows, format {r['format']}")
+            roles = f", roles {'/'.join(r['roles'])}" if r["roles"] else ""
+            print(f"ok  {r['path']}: format {r['format']}, {r['rows']:,} rows{roles}; fields {', '.join(r['fields'])}")
 
 
 @command(group=data_app, name="scan")
@@ -339,7 +341,7 @@ def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool, si
 
 
 # Commands of other areas live in their own modules and register themselves on `app` when imported.
-from . import cli_audit, cli_evaluation, cli_export, cli_mistral, cli_system  # noqa: E402,F401
+from . import cli_audit, cli_data, cli_evaluation, cli_export, cli_mistral, cli_system  # noqa: E402,F401
 
 if __name__ == "__main__":  # `python -m mistral_sov.cli`: the area modules registered on the importable copy
     from mistral_sov.cli import app as registered_app

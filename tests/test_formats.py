@@ -167,3 +167,45 @@ def test_cli_validate_exits_3_on_nested_and_surrogate_rows(tmp_path):
     assert done.returncode == 3, done.stderr
     document = json.loads(done.stdout)
     assert "Traceback" not in done.stderr and f"{path}:1:" in json.dumps(document) and f"{path}:2:" in json.dumps(document)
+
+
+# ---- preference rows, validate's report, convert ------------------------------------------------------------
+
+PREFERENCE = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+              {"messages": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+               "rejected": [{"role": "assistant", "content": "5"}]}]
+
+
+def test_preference_rows_validate_but_are_not_an_sft_format(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", PREFERENCE)
+    loaded = load_data_file(path, sft=False)
+    assert loaded.format == "preference" and loaded.rows == 2
+    assert loaded.records[1]["chosen"] == [{"role": "assistant", "content": "4"}]
+    with pytest.raises(DataError) as info:
+        load_data_file(path)
+    assert info.value.exit_code == 3 and "not an SFT format" in info.value.message
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "chosen": [{"role": "user", "content": "x"}],
+                                              "rejected": "no"}])
+    assert ":1: prompt: expected a list of messages" in problems_of(bad, "preference")
+
+
+def msov(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mistral_sov", *args], capture_output=True, text=True)
+
+
+def test_validate_says_format_rows_roles_and_fields_then_convert_writes_chat(tmp_path):
+    source = write_jsonl(tmp_path / "s.jsonl", [SHAREGPT])
+    done = msov("data", "validate", str(source))
+    assert done.returncode == 0, done.stderr
+    assert "format sharegpt, 1 rows, roles system/human/gpt/chatgpt; fields conversations, id" in done.stdout
+    out = tmp_path / "out" / "chat.jsonl"
+    done = msov("data", "convert", str(source), "--to", "chat", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"] == 1
+    converted = load_data_file(out)
+    assert converted.format == "chat" and converted.records == load_data_file(source).records
+    assert [p.name for p in out.parent.iterdir()] == ["chat.jsonl"]  # no temp file left behind
+    text_only = write_jsonl(tmp_path / "t.jsonl", [{"text": "just text"}])
+    done = msov("data", "convert", str(text_only), "--out", str(tmp_path / "t2.jsonl"), "--json")
+    assert done.returncode == 3 and "no user turn" in json.loads(done.stdout)["error"]
+    assert not (tmp_path / "t2.jsonl").exists()

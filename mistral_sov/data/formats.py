@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 
-FORMATS = ("chat", "sharegpt", "instruction", "completion")
+FORMATS = ("chat", "sharegpt", "instruction", "completion", "preference")
+# Formats that supervised fine-tuning trains on; preference pairs are read and checked, for DPO-style tools.
+SFT_FORMATS = FORMATS[:4]
 ROLES = ("system", "user", "assistant", "tool")
 
 # ShareGPT speaker names as axolotl and LLaMA-Factory read them; function_call is the assistant calling a tool.
@@ -24,6 +26,7 @@ EXPECTED = {
     "sharegpt": "conversations of {from, value} (sharegpt)",
     "instruction": "instruction + output (instruction)",
     "completion": "text, or prompt + completion (completion)",
+    "preference": "prompt + chosen + rejected (preference)",
 }
 
 Problems = list[tuple[str, str]]
@@ -35,6 +38,8 @@ def detect_format(row: dict) -> str | None:
         return None
     # Columnar files (CSV, Parquet) carry every column in every row: an empty cell is not a field being used.
     present = {key for key, value in row.items() if value is not None and value != ""}
+    if {"chosen", "rejected"} <= present:
+        return "preference"
     if "messages" in present:
         return "chat"
     if "conversations" in present:
@@ -282,4 +287,30 @@ def check_completion(row: dict) -> tuple[dict | None, Problems]:
     return {"prompt": prompt, "completion": completion}, []
 
 
-_CHECKS = {"chat": check_chat, "sharegpt": check_sharegpt, "instruction": check_instruction, "completion": check_completion}
+def check_preference(row: dict) -> tuple[dict | None, Problems]:
+    """prompt + chosen + rejected as text, or a conversation (messages or prompt as a list) and the chosen and
+    rejected assistant messages as lists, as TRL's preference datasets write them."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        problems: Problems = []
+        prompt = _text(row, "prompt", problems)
+        _text(row, "chosen", problems)
+        _text(row, "rejected", problems)
+        return (None, problems) if problems else ({"prompt": prompt, "chosen": chosen, "rejected": rejected}, [])
+    before = row.get("messages", row.get("prompt", []))
+    if not isinstance(before, list):
+        return None, [("prompt", f"expected a list of messages when chosen and rejected are lists, "
+                                 f"got {describe(before)}")]
+    record = {}
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(answer, list) or not answer:
+            return None, [(name, f"expected a string or a non-empty list of assistant messages, got {describe(answer)}")]
+        checked, found = check_chat({"messages": before + answer})
+        if found:
+            return None, [(where.replace("messages", name, 1) if where.startswith(f"messages[{len(before)}")
+                           else where, what) for where, what in found]
+        record[name] = checked["messages"][len(before):]
+    return {"messages": before, **record}, []
+
+
+_CHECKS = {"preference": check_preference, "chat": check_chat, "sharegpt": check_sharegpt, "instruction": check_instruction, "completion": check_completion}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..manifest import sha256_file
-from .formats import EXPECTED, FORMATS, check_row, detect_format, fields_of
+from .formats import EXPECTED, FORMATS, SFT_FORMATS, check_row, detect_format, fields_of
 from .readers import READERS, Problem
 
 SHOWN_PROBLEMS = 20
@@ -22,9 +22,12 @@ class LoadedData:
     sha256: str  # of the file's bytes, for provenance
     # Where each record came from ("17", or "row 3" for Parquet), for reports that point back into the file.
     places: list[str] = field(default_factory=list, repr=False)
+    roles: list[str] = field(default_factory=list)  # speaker names as the file spells them (human, gpt, ...)
+    fields: list[str] = field(default_factory=list)  # every top-level field the rows hold, used or not
 
 
-def load_data_file(path: str | Path, fmt: str = "auto") -> LoadedData:
+def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True) -> LoadedData:
+    """`sft`: refuse formats supervised fine-tuning cannot train on (preference pairs); validation reads them all."""
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"{path}: unknown data format '{fmt}'; expected auto, {', '.join(FORMATS)}")
@@ -58,8 +61,20 @@ def load_data_file(path: str | Path, fmt: str = "auto") -> LoadedData:
             places.append(place)
     if problems:
         raise _problems_error(path, problems, bad_rows, resolved, source)
+    if sft and resolved not in SFT_FORMATS:
+        raise DataError(f"{path}: {resolved} format is not an SFT format: fine-tuning learns from one answer per "
+                        f"prompt, not from chosen/rejected pairs",
+                        hint=f"Give a file in one of {', '.join(SFT_FORMATS)} format; `msov data validate` checks "
+                             "preference files.")
+    roles, fields = {}, {}
+    for _, row in rows:
+        fields.update(dict.fromkeys(row))
+        for turn in row.get("conversations") or row.get("messages") or ():
+            name = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+            if isinstance(name, str):
+                roles[name] = None
     return LoadedData(path=path, format=resolved, records=records, rows=len(records), sha256=sha256_file(path),
-                      places=places)
+                      places=places, roles=list(roles), fields=list(fields))
 
 
 def _resolve_format(fmt: str, rows: list) -> tuple[str | None, str | None]:
