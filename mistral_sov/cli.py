@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import os
 import sys
@@ -11,10 +13,37 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import MsovError
 
+class _JsonUsageErrors(TyperGroup):
+    """With --json, a usage error (Click's exit 2: unknown option, missing argument) is a JSON document too."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--json" not in argv:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        from typer._click.exceptions import ClickException  # typer 0.29 vendors click as typer._click
+
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as exc:
+            _print_json_error(exc.exit_code, exc.format_message(), "see --help")
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            _print_json_error(1, "aborted", None)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _print_json_error(code: int, message: str, hint: str | None) -> None:
+    print(json.dumps({"status": "error", "exit_code": code, "error": message, "hint": hint}))
+
+
 app = typer.Typer(
+    cls=_JsonUsageErrors,
     name="msov",
     help="Sovereign fine-tuning: LoRA/QLoRA on local open-weight LLMs, offline, with verifiable outputs.",
     no_args_is_help=True,
@@ -50,7 +79,7 @@ def _fail(exc: BaseException, code: int, as_json: bool, hint: str | None = None)
         message = f"rank {rank()} of {world_size()}: {message}"
     tell_launcher(message)
     if as_json:
-        print(json.dumps({"status": "error", "exit_code": code, "error": message, "hint": hint}))
+        _print_json_error(code, message, hint)
     console = _console()
     console.print(f"[bold red]error:[/] {escape(message)}")
     if hint:
@@ -71,8 +100,9 @@ def command(group: typer.Typer = app, name: str | None = None) -> Callable:
             from .egress import egress_guard
 
             as_json = bool(kwargs.get("as_json"))
+            captured = io.StringIO()
             try:
-                with egress_guard():
+                with egress_guard(), contextlib.redirect_stdout(captured) if as_json else contextlib.nullcontext():
                     return func(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
@@ -96,10 +126,31 @@ def command(group: typer.Typer = app, name: str | None = None) -> Callable:
                     _fail(RuntimeError(f"stopped: lost another rank of the run ({exc})"), 1, as_json,
                           "the first error printed by any rank, or the launcher's summary, says why")
                 _fail(RuntimeError(f"unexpected {type(exc).__name__}: {exc}"), 1, as_json)
+            finally:
+                if as_json:
+                    _keep_one_json_document(captured.getvalue())
 
         return group.command(name)(wrapper)
 
     return decorate
+
+
+def _keep_one_json_document(text: str) -> None:
+    """Under --json, stdout carries the command's document (its last JSON line) and nothing else: what libraries
+    print on stdout while the command runs (DeepSpeed's accelerator notice at import) goes to stderr."""
+    lines = text.splitlines()
+    document = None
+    for i in range(len(lines) - 1, -1, -1):
+        try:
+            json.loads(lines[i])
+        except ValueError:
+            continue
+        document = lines.pop(i)
+        break
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+    if document is not None:
+        print(document)
 
 
 @app.callback()
@@ -181,9 +232,11 @@ def demo(
     as_json: bool = JsonOpt,
 ) -> None:
     """Build the embedded tiny model, fine-tune it on the sample data, show before/after."""
+    from .finetune import quiet_deepspeed_on_cpu
     from .recipe import load_recipe
     from .tiny import DEMO_RECIPE, build_tiny_model
 
+    quiet_deepspeed_on_cpu()
     started = time.monotonic()
     model_dir = out / "tiny-model"
     if not (model_dir / "config.json").is_file():
@@ -228,6 +281,7 @@ def tiny_model(
 def data_validate(
     files: List[Path] = typer.Argument(..., help="data files (.jsonl, .json, .csv, .parquet)"),
     fmt: str = typer.Option("auto", "--format", help="auto | chat | sharegpt | instruction | completion | preference"),
+    split: Optional[str] = typer.Option(None, "--split", help="the split of a `datasets` DatasetDict folder"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check data files row by row; report every problem as file:line: field: problem."""
@@ -235,7 +289,7 @@ def data_validate(
 
     results = []
     for path in files:
-        loaded = load_data_file(path, fmt, sft=False)
+        loaded = load_data_file(path, fmt, sft=False, split=split)
         results.append({"path": str(path), "format": loaded.format, "rows": loaded.rows, "sha256": loaded.sha256,
                         "roles": loaded.roles, "fields": loaded.fields})
     if as_json:

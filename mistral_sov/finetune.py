@@ -69,8 +69,8 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weight
 
     on_event("stage", {"text": "loading and validating data"})
     prepared = PreparedData(folder=folder, tokenizer=tokenizer)
-    prepared.train_files = [load_data_file(f.path, f.format) for f in recipe.data.train]
-    prepared.eval_files = [load_data_file(f.path, f.format) for f in recipe.data.eval]
+    prepared.train_files = [load_data_file(f.path, f.format, split=f.split) for f in recipe.data.train]
+    prepared.eval_files = [load_data_file(f.path, f.format, split=f.split) for f in recipe.data.eval]
     prepared.scan = _scan_summary(prepared.train_files + prepared.eval_files, on_event)
 
     def tokenise(files):
@@ -112,9 +112,20 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
                          held=held)
 
 
+def quiet_deepspeed_on_cpu() -> None:
+    """accelerate imports DeepSpeed whenever it is installed (unwrapping any model), and DeepSpeed then announces
+    "Setting accelerator to CPU" on stdout; a single-process CPU run says so up front instead."""
+    if world_size() <= 1 and "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def _finetune(recipe: Recipe, *, resume: bool, overwrite: bool, on_event: EventSink, sign_key: str | None,
               held: ExitStack) -> dict:
     started_at, clock = _now(), time.monotonic()
+    quiet_deepspeed_on_cpu()
 
     # 1. decide where the run goes, before any expensive work
     out_dir = Path(recipe.output.dir)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import SAMPLES, small_recipe
 
 
@@ -91,13 +93,32 @@ def test_data_validate_command(cli, tmp_path):
     assert f"{bad}:2: output" in result.stderr
 
 
-def test_demo_end_to_end(cli, tmp_path):
-    """What `make demo` runs: tiny model from the bundled samples, LoRA, before/after, outputs in place."""
-    result = cli("demo", "--out", tmp_path / "demo", "--json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+def test_demo_end_to_end(tmp_path):
+    """What `make demo` runs: tiny model from the bundled samples, LoRA, before/after, outputs in place. In a
+    process of its own: libraries that print at import (DeepSpeed) write to the real stdout."""
+    result = subprocess.run([sys.executable, "-m", "mistral_sov", "demo", "--out", str(tmp_path / "demo"), "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)  # the whole of stdout is one document
+    assert "Setting accelerator" not in result.stdout + result.stderr  # a CPU run does not probe for accelerators
     assert summary["eval"]["after"]["loss"] < 0.6 * summary["eval"]["before"]["loss"]
     assert summary["sample"]["before"] != summary["sample"]["after"]
     assert (tmp_path / "demo" / "tiny-model" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert summary["demo_wall_time_s"] > 0
+
+
+@pytest.mark.parametrize("args, code", [
+    (["version", "--json"], 0),
+    (["finetune", "missing.yaml", "--json"], 3),
+    (["finetune", "--json"], 2),  # usage: missing argument
+    (["version", "--jsn", "--json"], 2),  # usage: unknown option
+    (["data", "no-such-command", "--json"], 2),
+])
+def test_json_stdout_is_exactly_one_document_on_success_and_on_every_error(cli, args, code):
+    result = cli(*args)
+    assert result.exit_code == code, result.output
+    document = json.loads(result.stdout)
+    assert (document.get("status") == "error") == (code != 0)
+    if code:
+        assert document["exit_code"] == code and document["error"]
