@@ -56,8 +56,10 @@ def sign(
     as_json: bool = JsonOpt,
 ) -> None:
     """Sign every file of a folder: an OpenSSF Model Signing (OMS) bundle that `model_signing` also verifies."""
-    from .signing import sign_folder
+    from .signing import check_signature_target, sign_folder
 
+    if out is not None:
+        check_signature_target(out, folder, key)
     result = sign_folder(folder, key, sig_path=out)
     if as_json:
         print(json.dumps({"status": "ok", **result}))
@@ -132,7 +134,7 @@ def manifest_show(
     as_json: bool = JsonOpt,
 ) -> None:
     """List every file with its sha256 and size, as a signature would (no signature is checked)."""
-    from .manifest import describe_folder
+    from .manifest import describe_folder, printable
 
     described = describe_folder(folder)
     if as_json:
@@ -143,14 +145,19 @@ def manifest_show(
     # by grep, so nothing is truncated to fit a table.
     console.print(f"{folder}: {len(described['files'])} files, {_size(described['total_bytes'])}", markup=False)
     for item in described["files"]:
-        console.print(f"{item['digest']}  {_size(item['size']):>10}  {item['name']}", markup=False)
+        console.print(f"{item['digest']}  {_size(item['size']):>10}  {printable(item['name'])}", markup=False)
     console.print(f"subject digest  sha256:{described['subject_digest']}  (ignoring "
                   f"{', '.join(described['ignore_paths'])})")
 
 
 def _print_explanation(console, facts: dict) -> None:
     """The provenance for a person: what an auditor asks first, in the order they ask it."""
-    from rich.markup import escape
+    from rich.markup import escape as markup_escape
+
+    from .manifest import printable
+
+    def escape(text: str) -> str:
+        return markup_escape(printable(text))
 
     base = facts["base_model"]
     console.print()

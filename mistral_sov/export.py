@@ -62,6 +62,9 @@ def load_run(path: Path) -> Run:
                          f"(adapter_config.json).", hint="Pass the folder `msov finetune` wrote (output.dir).")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise InputError(f"{adapter_dir}: no adapter_model.safetensors (msov exports safetensors adapters only).")
+    for item in (path / "run.json", path / "recipe.yaml"):
+        if item.is_symlink():
+            raise InputError(f"{item}: is a symbolic link; msov reads a run's own record only.")
     run = Run(path=path, adapter_dir=adapter_dir, adapter_config=read_json(config_file))
     if (path / "run.json").is_file():
         run.summary = read_json(path / "run.json")
@@ -116,7 +119,7 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
     """`msov export RUN --merge --out OUT`: base + adapter as one standard Hugging Face folder (signed: OUT.sig)."""
     from .provenance import read_provenance, write_provenance
     from .registry import base_license, check_target, copy_tokenizer, folder_digest, model_card, publish, staged
-    from .keys import check_signing_key
+    from .keys import check_signing_key, refuse_secrets
     from .signing import sign_folder
 
     started = time.monotonic()
@@ -139,6 +142,7 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
 
     refuse_overlap(out, [run_path, folder.path], what="--out")
     key_hint = check_signing_key(key, outside=(out,)) if key else None
+    refuse_secrets(run.adapter_dir, key=key)
 
     # 2. the base files the merge reads are the files the run trained on
     on_event("stage", {"text": "checking the base model against the run"})

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 from pathlib import Path
 
-from .errors import InputError, UsageError
+from .errors import InputError, MsovError, UsageError
 from .manifest import write_atomic
 
 PASSPHRASE_ENV = "MSOV_KEY_PASSPHRASE"
+# ssh's rule: a private key others can read is refused, since it may already be copied; this lets a user who
+# knows better (a container where every file is 0644) go on, knowingly.
+ALLOW_OPEN_KEY_ENV = "MSOV_ALLOW_OPEN_KEY"
+# PEM armour of every private key kind: PKCS#8 (plain and ENCRYPTED), SEC1 EC, RSA, DSA, OpenSSH, PGP.
+_PRIVATE_PEM = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+# Markers are looked for in a whole small file, and in the head and tail of a large one (weights stay unread).
+_SNIFF_WHOLE, _SNIFF_EDGE, _DER_MAX = 1 << 20, 1 << 16, 1 << 14
 CURVES = {"P-256": "SECP256R1", "P-384": "SECP384R1"}
 # Verification also accepts P-521, which model_signing can produce; each curve signs with its matching hash.
 HASH_FOR_CURVE = {"secp256r1": "SHA256", "secp384r1": "SHA384", "secp521r1": "SHA512"}
@@ -68,6 +77,7 @@ def load_private_key(path: Path, passphrase: bytes | None = None):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     data = _read_key_file(path, "private key")
+    _refuse_open_key(Path(path))
     passphrase = passphrase if passphrase is not None else passphrase_from_env()
     try:
         key = serialization.load_pem_private_key(data, passphrase)
@@ -131,3 +141,61 @@ def _refuse_inside_output(private_path: Path) -> None:
             raise InputError(f"{private_path}: would lie inside an msov output folder ({parent / marker} exists); "
                              f"a private key there could be shipped or signed with the output.",
                              hint="Keep keys in a folder of their own, e.g. ~/.msov/keys/.")
+
+
+def _refuse_open_key(path: Path) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.name == "posix" and mode & 0o077 and not os.environ.get(ALLOW_OPEN_KEY_ENV):
+        raise InputError(f"{path}: the private key is readable by other users (mode {mode:04o}); it may already "
+                         f"have been copied, so msov will not sign with it.",
+                         hint=f"`chmod 600 {path}` (and consider a new key pair); set {ALLOW_OPEN_KEY_ENV}=1 to "
+                              f"use it anyway.")
+
+
+def refuse_secrets(folder: Path, *, key: Path | None = None, error: type[MsovError] = InputError) -> None:
+    """The one check before anything of `folder` is copied, published or signed: no symbolic link anywhere (its
+    target could be any file of the machine), no private key of any kind, and no copy of the `key` file (any
+    name, hard links included)."""
+    root = Path(folder)
+    key_bytes = Path(key).read_bytes() if key is not None and Path(key).is_file() else None
+    if root.is_symlink():
+        raise error(f"{root}: is a symbolic link; msov reads the real folder only.")
+    for directory, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            path = Path(directory) / name
+            if path.is_symlink():
+                raise error(f"{path}: is a symbolic link; what it points to would be published in its place.",
+                            hint="Remove the link (or replace it with a copy of a file meant to be shipped).")
+            if name in files:
+                _refuse_key_file(path, key_bytes, error)
+
+
+def _refuse_key_file(path: Path, key_bytes: bytes | None, error: type[MsovError]) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if key_bytes is not None and size == len(key_bytes) and handle.read() == key_bytes:
+            raise error(f"{path}: is a copy of the signing key; it would be shipped with the output.",
+                        hint="Keep keys outside every folder that is exported or signed.")
+        handle.seek(0)
+        head = handle.read(_SNIFF_WHOLE if size <= _SNIFF_WHOLE else _SNIFF_EDGE)
+        if size > _SNIFF_WHOLE:
+            handle.seek(size - _SNIFF_EDGE)
+            head += b"\n" + handle.read()
+    if _PRIVATE_PEM.search(head) or (size <= _DER_MAX and _is_der_private_key(head)):
+        raise error(f"{path}: holds a private key; msov never publishes or signs one.",
+                    hint="Move the key out of the folder; keys belong outside every output.")
+
+
+def _is_der_private_key(data: bytes) -> bool:
+    """A binary (DER) private key has no armour; cryptography tells it from any other small file."""
+    from cryptography.hazmat.primitives import serialization
+
+    if not data.startswith(b"\x30"):  # every DER key is an ASN.1 SEQUENCE
+        return False
+    try:
+        serialization.load_der_private_key(data, None)
+    except TypeError:  # encrypted: a key all the same
+        return True
+    except Exception:  # noqa: BLE001 - not a key, whatever the parser says
+        return False
+    return True

@@ -108,7 +108,8 @@ def list_files(folder: str | Path, *, ignore: Iterable[str] = DEFAULT_IGNORE,
             for entry in entries:
                 name = prefix + entry.name
                 if entry.is_symlink():
-                    raise error(f"{root}: '{name}' is a symbolic link; a signed folder holds regular files only.",
+                    raise error(f"{root}: '{printable(name)}' is a symbolic link; a signed folder holds regular "
+                                f"files only.",
                                 hint="Replace the link with a copy of the file it points to.")
                 try:
                     name.encode("utf-8")
@@ -122,7 +123,8 @@ def list_files(folder: str | Path, *, ignore: Iterable[str] = DEFAULT_IGNORE,
                 elif entry.is_file(follow_symlinks=False):
                     found.append(FileEntry(name, Path(entry.path), entry.stat(follow_symlinks=False).st_size))
                 else:
-                    raise error(f"{root}: '{name}' is a special file (device, pipe or socket), not a regular file.")
+                    raise error(f"{root}: '{printable(name)}' is a special file (device, pipe or socket), not a "
+                                f"regular file.")
     return sorted(found, key=lambda f: sort_key(f.name))
 
 
@@ -160,6 +162,15 @@ def describe_folder(folder: str | Path, *, ignore: Iterable[str] = DEFAULT_IGNOR
     }
 
 
+def printable(name: str) -> str:
+    """A file name as it may be shown to a person: control characters (newlines, terminal escape sequences) and
+    backslashes escaped, so that a hostile name can neither fake an output line nor drive the terminal."""
+    if name.isprintable() and "\\" not in name:
+        return name
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                   for c in name)
+
+
 def compare_manifests(expected: dict[str, str], actual: dict[str, str], *, limit: int = 10) -> list[str]:
     """Human-readable differences; a file that only moved (same digest) is reported as renamed."""
     removed = [n for n in sorted(expected, key=sort_key) if n not in actual]
@@ -171,20 +182,20 @@ def compare_manifests(expected: dict[str, str], actual: dict[str, str], *, limit
     for old in list(removed):
         if unsigned_by_digest.get(expected[old]):
             new = unsigned_by_digest[expected[old]].pop(0)
-            renamed.append(f"{old} -> {new}")
+            renamed.append(f"{printable(old)} -> {printable(new)}")
             removed.remove(old)
             added.remove(new)
-    changed = [f"{n} (sha256 {expected[n][:12]}… signed, {actual[n][:12]}… on disk)"
+    changed = [f"{printable(n)} (sha256 {expected[n][:12]}… signed, {actual[n][:12]}… on disk)"
                for n in sorted(expected, key=sort_key) if n in actual and actual[n] != expected[n]]
 
-    def show(label: str, names: list[str]) -> list[str]:
+    def show(label: str, names: list[str], shown: bool = False) -> list[str]:
         if not names:
             return []
         more = f" and {len(names) - limit} more" if len(names) > limit else ""
-        return [f"{label}: {', '.join(names[:limit])}{more}"]
+        return [f"{label}: {', '.join(names[:limit] if shown else map(printable, names[:limit]))}{more}"]
 
-    return show("changed", changed) + show("added (not signed)", added) + show("removed", removed) \
-        + show("renamed", renamed)
+    return show("changed", changed, shown=True) + show("added (not signed)", added) + show("removed", removed) \
+        + show("renamed", renamed, shown=True)
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:

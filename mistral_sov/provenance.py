@@ -94,6 +94,8 @@ def parse_provenance(data: bytes, path: Path, *, error: type[MsovError] = InputE
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{path}: not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise error(f"{path}: not valid provenance (JSON nested too deeply).") from None
     if not isinstance(doc, dict) or doc.get("_type") != STATEMENT_TYPE or doc.get("predicateType") != PREDICATE_TYPE:
         raise error(f"{path}: not an in-toto Statement with predicateType {PREDICATE_TYPE}.")
     return doc

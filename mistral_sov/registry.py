@@ -39,7 +39,7 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
     provenance and signature. Its id is the folder's OMS subject digest (the signature's subject)."""
     from .manifest import DEFAULT_IGNORE
     from .provenance import PROVENANCE_PATH, write_provenance
-    from .keys import check_signing_key
+    from .keys import check_signing_key, refuse_secrets
     from .signing import sign_folder
 
     # 1. where it goes: REGISTRY/<name>/<version>/ or --out; the key is loaded now, not after the work
@@ -62,6 +62,7 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
 
     refuse_overlap(target, [run_path, base, (run.summary.get("base_model") or {}).get("path")], what="--out")
     key_hint = check_signing_key(key, outside=(target,)) if key else None
+    refuse_secrets(run.adapter_dir, key=key)
 
     with staged(target, sig_inside=REGISTRY_SIG if registry is not None else None) as stage:
         # 2. the adapter as trained (weights, config, its provenance), our card instead of PEFT's template
@@ -185,7 +186,7 @@ def _bundle_facts(sig: Path) -> dict:
         statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
         return {"key_hint": bundle["verificationMaterial"]["publicKey"]["hint"],
                 "subject_digest": statement["subject"][0]["digest"]["sha256"]}
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):
         return {}
 
 

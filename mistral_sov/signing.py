@@ -16,8 +16,9 @@ import re
 from pathlib import Path
 
 from .errors import InputError, VerificationError
-from .keys import HASH_FOR_CURVE, is_within, key_hint, load_private_key, load_public_key
-from .manifest import DEFAULT_IGNORE, compare_manifests, hash_files, list_files, subject_digest, write_atomic
+from .keys import HASH_FOR_CURVE, is_within, key_hint, load_private_key, load_public_key, refuse_secrets
+from .manifest import (DEFAULT_IGNORE, compare_manifests, hash_files, list_files, printable, subject_digest,
+                       write_atomic)
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -49,12 +50,17 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
                          f"the output and shipped with it.", hint="Keep keys outside every output folder.")
     private_key = load_private_key(key_path, passphrase)
     sig_path = Path(sig_path) if sig_path else default_sig_path(folder)
+    refuse_secrets(folder, key=key_path)
 
     # 1. the manifest: every file, streamed and hashed in parallel (the signature itself when it lies inside)
     ignore, known = _ignore_paths(root, sig_path), known or {}
     if not all(_HEX64.fullmatch(str(d)) for d in known.values()):
         raise InputError(f"{folder}: a known digest is not a lowercase hex sha256.")
     listed = list_files(folder, ignore=ignore)
+    unsafe = [f.name for f in listed if not _safe_name(f.name)]
+    if unsafe:  # verify refuses such a name, so a signature over it could never pass
+        raise InputError(f"{folder}: '{printable(unsafe[0])}' cannot be signed: a signed name holds no backslash "
+                         f"(a path separator on Windows) and no control character.", hint="Rename the file.")
     todo = [f for f in listed if f.name not in known]
     digests = {**dict(zip((f.name for f in todo), hash_files([f.path for f in todo]))), **known}
     files = [{"name": f.name, "digest": digests[f.name], "size": f.size} for f in listed]
@@ -79,6 +85,25 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
     write_atomic(sig_path, (json.dumps(bundle, indent=2) + "\n").encode("utf-8"), mode=0o644)
     return {"sig": str(sig_path), "subject_digest": statement["subject"][0]["digest"]["sha256"],
             "files": len(files), "key_hint": hint}
+
+
+def check_signature_target(sig_path: Path, folder: Path, key_path: Path) -> None:
+    """`msov sign --out`: never over the key, never inside what is signed (it would overwrite a signed file and
+    leave it out of the list), never over a file that is not an earlier signature."""
+    sig, root = Path(sig_path), Path(folder).resolve()
+    if sig.is_symlink():
+        raise InputError(f"--out {sig}: is a symbolic link; give the signature's real path.")
+    if sig.exists() and Path(key_path).exists() and sig.samefile(key_path):
+        raise InputError(f"--out {sig}: is the private key itself; signing would destroy it.")
+    if is_within(sig.resolve(), root):
+        raise InputError(f"--out {sig}: lies inside the folder being signed ({folder}).",
+                         hint="Write the signature beside the folder (the default: FOLDER.sig).")
+    if sig.exists():
+        try:
+            _read_bundle(sig)
+        except VerificationError:
+            raise InputError(f"--out {sig}: exists and is not a signature bundle; msov replaces only an earlier "
+                             f"signature.", hint="Choose another --out, or move that file away.") from None
 
 
 def make_statement(name: str, files: list[dict], ignore_paths: list[str]) -> dict:
@@ -109,7 +134,8 @@ def verify_folder(folder: Path, pub_path: Path, *, sig_path: Path | None = None)
     if not folder.is_dir():
         raise VerificationError(f"{folder}: no such folder to verify.")
     sig_path = Path(sig_path) if sig_path else default_sig_path(folder)
-    public_key = load_public_key(Path(pub_path))
+    # a public key object is for the caller that derived it from the private key it holds (export)
+    public_key = load_public_key(Path(pub_path)) if isinstance(pub_path, (str, Path)) else pub_path
 
     # 1. the bundle, the key hint and the signature: nothing in the payload is trusted before this passes
     bundle = _read_bundle(sig_path)
@@ -172,6 +198,8 @@ def _check_statement(payload: bytes, sig_path: Path, *, allowed_ignore: list[str
         statement = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise bad("is not JSON") from None
+    except RecursionError:
+        raise bad("is nested too deeply to be a statement") from None
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         raise bad(f"is not an in-toto Statement v1 (_type must be {STATEMENT_TYPE})")
     if statement.get("predicateType") != PREDICATE_TYPE:
@@ -221,6 +249,8 @@ def _read_bundle(sig_path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VerificationError(f"{sig_path}: not a valid signature bundle (not JSON: {exc.msg} at byte {exc.pos}; "
                                 f"truncated?).") from None
+    except RecursionError:  # a hostile bundle of nested brackets, not a signature
+        raise VerificationError(f"{sig_path}: not a valid signature bundle (JSON nested too deeply).") from None
     if not isinstance(bundle, dict) or bundle.get("mediaType") != BUNDLE_MEDIA_TYPE:
         got = bundle.get("mediaType") if isinstance(bundle, dict) else type(bundle).__name__
         raise VerificationError(f"{sig_path}: not a Sigstore bundle v0.3 (mediaType {got!r}, expected "
