@@ -42,6 +42,7 @@ class QuantizationSection(_Strict):
 class DataFile(_Strict):
     path: str
     format: Literal["auto", "chat", "sharegpt", "instruction", "completion"] = "auto"
+    split: Optional[str] = Field(None, description="which split of a `datasets` DatasetDict folder to read")
 
 
 class DataSection(_Strict):

@@ -209,3 +209,36 @@ def test_validate_says_format_rows_roles_and_fields_then_convert_writes_chat(tmp
     done = msov("data", "convert", str(text_only), "--out", str(tmp_path / "t2.jsonl"), "--json")
     assert done.returncode == 3 and "no user turn" in json.loads(done.stdout)["error"]
     assert not (tmp_path / "t2.jsonl").exists()
+
+
+# ---- datasets folders, .arrow files, data_files globs --------------------------------------------------------
+
+def test_saved_datasets_arrow_files_and_globs(tmp_path):
+    import datasets
+
+    chat = [{"messages": [{"role": "user", "content": f"q{n}"}, {"role": "assistant", "content": f"a{n}"}]}
+            for n in range(3)]
+    one = datasets.Dataset.from_list(chat)
+    one.save_to_disk(str(tmp_path / "one"))
+    loaded = load_data_file(tmp_path / "one")
+    assert loaded.format == "chat" and loaded.records == chat and loaded.places[0] == "row 1"
+    arrow = next((tmp_path / "one").glob("*.arrow"))
+    assert load_data_file(arrow).records == chat
+    datasets.DatasetDict({"train": one, "test": one.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match="splits train, test; say which one"):
+        load_data_file(tmp_path / "dict")
+    assert load_data_file(tmp_path / "dict", split="test").rows == 1
+    done = subprocess.run([sys.executable, "-m", "mistral_sov", "data", "validate", str(tmp_path / "dict"),
+                           "--split", "train", "--json"], capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout)["files"][0]["rows"] == 3, done.stderr
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "b.jsonl", chat[1:])
+    write_jsonl(tmp_path / "data" / "a.jsonl", chat[:1])
+    both = load_data_file(str(tmp_path / "data" / "*.jsonl"))
+    assert both.records == chat and both.places == ["a.jsonl:1", "b.jsonl:1", "b.jsonl:2"]
+    write_jsonl(tmp_path / "data" / "c.jsonl", [{"text": "plain"}])
+    with pytest.raises(DataError, match="different formats"):
+        load_data_file(str(tmp_path / "data" / "*.jsonl"))
+    with pytest.raises(DataError, match="no file matches"):
+        load_data_file(str(tmp_path / "none" / "*.jsonl"))

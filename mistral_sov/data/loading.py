@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
 from ..manifest import sha256_file
 from .formats import EXPECTED, FORMATS, SFT_FORMATS, check_row, detect_format, fields_of
-from .readers import READERS, Problem
+from .readers import READERS, Problem, read_saved_dataset
 
 SHOWN_PROBLEMS = 20
 
@@ -26,21 +28,25 @@ class LoadedData:
     fields: list[str] = field(default_factory=list)  # every top-level field the rows hold, used or not
 
 
-def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True) -> LoadedData:
-    """`sft`: refuse formats supervised fine-tuning cannot train on (preference pairs); validation reads them all."""
+def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True, split: str | None = None) -> LoadedData:
+    """`sft`: refuse formats supervised fine-tuning cannot train on (preference pairs); validation reads them all.
+    `path` may be a file, a `datasets` save_to_disk folder (`split` picks a DatasetDict's split) or a glob."""
+    if glob.has_magic(str(path)):
+        return _load_glob(str(path), fmt, sft=sft)
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"{path}: unknown data format '{fmt}'; expected auto, {', '.join(FORMATS)}")
-    if not path.is_file():
-        what = "is a folder, not a data file" if path.is_dir() else "no such data file"
+    saved = path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
+    if not path.is_file() and not saved:
+        what = "is a folder, not a data file or `datasets` folder" if path.is_dir() else "no such data file"
         raise DataError(f"{path}: {what}", hint="Paths in a recipe are relative to the recipe file's folder.")
-    reader = READERS.get(path.suffix.lower())
+    reader = read_saved_dataset if saved else READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported data file type '{path.suffix or '(no suffix)'}'; "
-                        f"supported: {', '.join(READERS)}",
+                        f"supported: {', '.join(READERS)}, or a `datasets` save_to_disk folder",
                         hint="Convert the file to JSONL (one JSON object per line), JSON, CSV or Parquet.")
 
-    rows, problems = reader(path)
+    rows, problems = read_saved_dataset(path, split) if reader is read_saved_dataset else reader(path)
     if not rows and not problems:
         raise DataError(f"{path}: the file holds no rows", hint="Point the recipe at a file with training examples.")
 
@@ -73,8 +79,36 @@ def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True) -> 
             name = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
             if isinstance(name, str):
                 roles[name] = None
-    return LoadedData(path=path, format=resolved, records=records, rows=len(records), sha256=sha256_file(path),
+    return LoadedData(path=path, format=resolved, records=records, rows=len(records), sha256=_digest(path),
                       places=places, roles=list(roles), fields=list(fields))
+
+
+def _digest(path: Path) -> str:
+    if path.is_file():
+        return sha256_file(path)
+    # A saved dataset: its files by name and content, so a changed split or shard changes the digest.
+    lines = [f"{sha256_file(f)}  {f.relative_to(path).as_posix()}\n" for f in sorted(path.rglob("*")) if f.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _load_glob(pattern: str, fmt: str, *, sft: bool) -> LoadedData:
+    """Hugging Face-style data_files (`data/*.jsonl`): every match, in name order, held to one format."""
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise DataError(f"{pattern}: no file matches this pattern",
+                        hint="Paths in a recipe are relative to the recipe file's folder.")
+    parts = [load_data_file(match, fmt, sft=sft) for match in matches]
+    formats = {part.format for part in parts}
+    if len(formats) > 1:
+        raise DataError(f"{pattern}: the matching files are in different formats ("
+                        + ", ".join(f"{part.path}: {part.format}" for part in parts) + ")",
+                        hint="Give each format its own data file entry.")
+    lines = "".join(f"{part.sha256}  {part.path}\n" for part in parts)
+    return LoadedData(path=Path(pattern), format=formats.pop(), records=[r for p in parts for r in p.records],
+                      rows=sum(p.rows for p in parts), sha256=hashlib.sha256(lines.encode()).hexdigest(),
+                      places=[f"{p.path.name}:{place}" for p in parts for place in p.places],
+                      roles=list(dict.fromkeys(r for p in parts for r in p.roles)),
+                      fields=list(dict.fromkeys(f for p in parts for f in p.fields)))
 
 
 def _resolve_format(fmt: str, rows: list) -> tuple[str | None, str | None]:

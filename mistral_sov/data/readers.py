@@ -216,7 +216,24 @@ def read_parquet(path: Path) -> tuple[Rows, list[Problem]]:
     return [(f"row {n}", row) for n, row in enumerate(table.to_pylist(), 1)], []
 
 
-READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+def read_saved_dataset(path: Path, split: str | None = None) -> tuple[Rows, list[Problem]]:
+    """A `datasets` save_to_disk folder (Dataset or DatasetDict) or one .arrow file; Arrow is memory-mapped."""
+    import datasets
+
+    try:
+        data = datasets.Dataset.from_file(str(path)) if path.is_file() else datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise DataError(f"{path}: not a readable `datasets` folder or Arrow file: {exc}")
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path}: a DatasetDict with splits {', '.join(data)}; "
+                            + (f"there is no split '{split}'" if split else "say which one to read"),
+                            hint="Give `split: train` in the recipe's data file entry, or --split on the command line.")
+        data = data[split]
+    return [(f"row {n}", row) for n, row in enumerate(data, 1)], []
+
+
+READERS = {".arrow": read_saved_dataset, ".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
 
 
 def _read_text(path: Path) -> str:
