@@ -23,7 +23,8 @@ from .errors import Interrupted
 from .offline import enforce_offline_env
 from .ranks import all_ranks_agree, is_main_process, world_size
 from .recipe import Recipe, load_recipe
-from .run_folder import check_same_inputs, check_targets, publish, refuse_overlapping_inputs, run_lock
+from .run_folder import (check_same_inputs, check_targets, publish, refuse_overlapping_inputs, run_lock,
+                         write_atomic)
 from .training import EventSink
 
 
@@ -192,7 +193,7 @@ def _finetune(recipe: Recipe, *, resume: bool, overwrite: bool, on_event: EventS
 
     # 5. train (from the latest checkpoint when resuming)
     if main:
-        (work_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        write_atomic(work_dir / "recipe.yaml", recipe.to_yaml())
     if checkpoint is not None and main:
         for partial in checkpoints(work_dir / "checkpoints"):  # a kill mid-save: that step runs and saves again
             if not is_complete(partial):
@@ -285,8 +286,8 @@ def _finetune(recipe: Recipe, *, resume: bool, overwrite: bool, on_event: EventS
         summary["adapter_digest"] = describe_folder(work_dir / "adapter")["subject_digest"]
     summary["loss_plot"] = _loss_plot(work_dir, out_dir, summary, on_event)
     (work_dir / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     publish(work_dir, out_dir)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # after: a kill before the publish can still resume
     return summary
 
 

@@ -127,7 +127,7 @@ def check_same_inputs(record_path: Path, record: dict, *, resume: bool) -> None:
     """The bytes a run trains on are recorded when it starts; --resume refuses if any of them changed since, as
     the earlier steps saw the old ones (data files by position, base-model files by name: tokenizer included)."""
     if not resume or not record_path.is_file():  # a fresh run, or one checkpointed before inputs were recorded
-        record_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_atomic(record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return
     try:
         old = json.loads(record_path.read_text())
@@ -148,6 +148,16 @@ def check_same_inputs(record_path: Path, record: dict, *, resume: bool) -> None:
                          f"'{record_path}', now {b})" + (f", and {len(changed) - 1} more" if len(changed) > 1 else "")
                          + "; the earlier steps trained on the old bytes.",
                          hint="Resume with the inputs the run started with, or start again with --overwrite.")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A kill mid-write leaves the old file or the new one, never half of one (recipe.yaml, inputs.json)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def publish(work_dir: Path, out_dir: Path) -> None:
