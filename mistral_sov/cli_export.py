@@ -100,8 +100,11 @@ def registry_list(
     from .registry import list_registry
 
     entries = list_registry(registry, pub=pub)
+    failed = [e for e in entries if e["status"].startswith(("FAILED", "MODIFIED", "unreadable"))]
     if as_json:
-        print(json.dumps({"status": "ok", "registry": str(registry), "adapters": entries}))
+        print(json.dumps({"status": "failed" if failed else "ok", "registry": str(registry), "adapters": entries}))
+        if failed:
+            raise typer.Exit(4)
         return
     # Plain columns rather than a rich table: a narrow terminal or a CI log must not wrap digests mid-word.
     rows = [("name", "version", "digest", "base model", "date", "signed by", "status")]
@@ -112,6 +115,8 @@ def registry_list(
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     if not entries:
         print(f"{registry}: no adapters yet")
+    if failed:  # every entry was listed; the exit code tells CI that at least one is not what it claims
+        raise typer.Exit(4)
 
 
 def _bytes(count: int) -> str:

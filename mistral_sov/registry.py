@@ -22,6 +22,7 @@ from .export import TOKENIZER_FILES, Run, base_digest, base_folder, load_run
 from .merge import read_json as _read_json
 
 REGISTRY_SIG = "model.sig"
+ENTRY_PATH = "msov/registry.json"  # the name and version an entry was published (and signed) as
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Semantic Versioning 2.0.0: MAJOR.MINOR.PATCH, optional -prerelease and +build.
 _VERSION = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
@@ -86,6 +87,9 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
                           license_=base_license(base_path) if base_path.is_dir() else None, facts=facts,
                           include_paths=include_paths)
         (stage.folder / "README.md").write_text(card)
+        if registry is not None:  # signed with the rest: a copied or renamed version folder no longer verifies
+            (stage.folder / ENTRY_PATH).parent.mkdir(parents=True, exist_ok=True)
+            (stage.folder / ENTRY_PATH).write_text(json.dumps({"name": name, "version": version}) + "\n")
         ignore = (*DEFAULT_IGNORE, REGISTRY_SIG) if registry is not None else DEFAULT_IGNORE
         digest = folder_digest(stage.folder, ignore=ignore)
 
@@ -136,11 +140,9 @@ def folder_digest(folder: Path, *, known: dict[str, str] | None = None, ignore=N
 
 
 def list_registry(registry: Path, *, pub: Path | None = None) -> list[dict]:
-    """Every DIR/<name>/<version>/: digest (recomputed), base model digest, date, signer; verified with `pub`."""
+    """Every DIR/<name>/<version>/: digest (recomputed), base model digest, date, signer; with `pub`, each entry
+    verified on its own, against the name and version it was signed as."""
     from .errors import MsovError
-    from .manifest import DEFAULT_IGNORE
-    from .provenance import explain, read_provenance
-    from .signing import verify_folder
 
     registry = Path(registry)
     if not registry.is_dir():
@@ -148,27 +150,54 @@ def list_registry(registry: Path, *, pub: Path | None = None) -> list[dict]:
     entries = []
     for config in registry.glob("*/*/adapter_config.json"):
         folder = config.parent
-        digest = folder_digest(folder, ignore=(*DEFAULT_IGNORE, REGISTRY_SIG))
-        facts = explain(read_provenance(folder) or {})
-        files = {f["name"]: f["sha256"] for f in facts["base_model"]["files"]}
-        sig = folder / REGISTRY_SIG
-        bundle = _bundle_facts(sig)
-        if not sig.is_file():
-            status = "unsigned"
-        elif bundle.get("subject_digest") != digest:
-            status = "MODIFIED after signing" if bundle.get("subject_digest") else "unreadable signature"
-        elif pub is None:
-            status = "signed, unchecked (pass --pub to verify)"
-        else:
-            try:
-                verify_folder(folder, pub, sig_path=sig)
-                status = "verified"
-            except MsovError as exc:
-                status = f"FAILED: {exc.message}"
-        entries.append({"name": folder.parent.name, "version": folder.name, "digest": digest,
-                        "base_model_digest": base_digest(files), "date": facts.get("finished"),
-                        "signed_by": bundle.get("key_hint"), "status": status, "path": str(folder)})
+        try:
+            entries.append(_entry(folder, pub))
+        except MsovError as exc:  # one bad entry is reported as such; the others are still listed
+            entries.append({"name": folder.parent.name, "version": folder.name, "digest": None,
+                            "base_model_digest": None, "date": None, "signed_by": None,
+                            "status": f"FAILED: {exc.message}", "path": str(folder)})
     return sorted(entries, key=lambda e: (e["name"], _version_key(e["version"])))
+
+
+def _entry(folder: Path, pub: Path | None) -> dict:
+    from .errors import MsovError
+    from .manifest import DEFAULT_IGNORE
+    from .provenance import explain, read_provenance
+    from .signing import verify_folder
+
+    digest = folder_digest(folder, ignore=(*DEFAULT_IGNORE, REGISTRY_SIG))
+    facts = explain(read_provenance(folder) or {})
+    files = {f["name"]: f["sha256"] for f in facts["base_model"]["files"]}
+    sig = folder / REGISTRY_SIG
+    bundle = _bundle_facts(sig)
+    if not sig.is_file():
+        status = "unsigned"
+    elif bundle.get("subject_digest") != digest:
+        status = "MODIFIED after signing" if bundle.get("subject_digest") else "unreadable signature"
+    elif pub is None:
+        status = "signed, unchecked (pass --pub to verify)"
+    else:
+        try:
+            status = _signed_as(folder, verify_folder(folder, pub, sig_path=sig)["subject"])
+        except MsovError as exc:
+            status = f"FAILED: {exc.message}"
+    return {"name": folder.parent.name, "version": folder.name, "digest": digest,
+            "base_model_digest": base_digest(files), "date": facts.get("finished"),
+            "signed_by": bundle.get("key_hint"), "status": status, "path": str(folder)}
+
+
+def _signed_as(folder: Path, subject: str) -> str:
+    """A verified entry is listed as verified only under the name and version it was signed as."""
+    try:
+        signed = json.loads((folder / ENTRY_PATH).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        signed = None
+    signed = signed if isinstance(signed, dict) else {}
+    listed = (folder.parent.name, folder.name)
+    if (signed.get("name"), signed.get("version")) != listed or subject != folder.name:
+        return (f"FAILED: signed as {signed.get('name', '?')} {signed.get('version', subject)}, listed as "
+                f"{listed[0]} {listed[1]} (a copied or renamed entry)")
+    return "verified"
 
 
 def _version_key(version: str) -> tuple:

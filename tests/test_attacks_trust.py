@@ -118,3 +118,25 @@ def test_a_key_others_can_read_is_refused(cli, keypair, tmp_path, monkeypatch):
     assert result.exit_code == 3 and "readable by other users" in result.stdout and "0644" in result.stdout
     monkeypatch.setenv("MSOV_ALLOW_OPEN_KEY", "1")
     assert cli("sign", run, "--key", open_key, "--json").exit_code == 0
+
+
+def test_registry_list_verifies_each_entry_against_its_signed_name_and_version(cli, keypair, tmp_path):
+    run, reg = _adapter(tmp_path / "run"), tmp_path / "reg"
+    for version in ("1.0.0", "1.1.0"):
+        (run / "adapter_model.safetensors").write_bytes(os.urandom(256))
+        assert cli("export", run, "--adapter", "--registry", reg, "--version", version, "--name", "helpdesk",
+                   "--key", keypair[0], "--json").exit_code == 0
+    good = cli("registry", "list", reg, "--pub", keypair[1], "--json")
+    assert good.exit_code == 0 and {e["status"] for e in json.loads(good.stdout)["adapters"]} == {"verified"}
+    shutil.copytree(reg / "helpdesk" / "1.0.0", reg / "helpdesk" / "9.9.9")  # cp -r 1.0.0 9.9.9
+    shutil.copytree(reg / "helpdesk" / "1.1.0", reg / "other" / "1.1.0")
+    (reg / "helpdesk" / "1.1.0" / "README.md").write_text("tampered")
+    listed = cli("registry", "list", reg, "--pub", keypair[1], "--json")
+    assert listed.exit_code == 4
+    status = {(e["name"], e["version"]): e["status"] for e in json.loads(listed.stdout)["adapters"]}
+    assert status[("helpdesk", "1.0.0")] == "verified"
+    assert status[("helpdesk", "9.9.9")].startswith("FAILED: signed as helpdesk 1.0.0, listed as helpdesk 9.9.9")
+    assert status[("other", "1.1.0")].startswith("FAILED: signed as helpdesk 1.1.0")
+    assert status[("helpdesk", "1.1.0")].startswith(("FAILED", "MODIFIED"))
+    text = cli("registry", "list", reg, "--pub", keypair[1])
+    assert text.exit_code == 4 and "9.9.9" in text.stdout and "verified" in text.stdout
