@@ -367,6 +367,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_engine(tiny_model, tmp_path, w
     checkpoint = tmp_path / "out.partial" / "checkpoints" / "checkpoint-5"
     (checkpoint / "pytorch_model_fsdp_0").mkdir(parents=True)  # the layout of the FSDP test's real checkpoint
     (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "msov-complete").write_text("ok\n")  # what msov writes once a checkpoint is whole
     result = cli("finetune", path, "--resume")
     assert result.exit_code == 3, result.output
     assert (f"--resume: '{checkpoint}' was written by a run under FSDP and this launch trains without FSDP"
