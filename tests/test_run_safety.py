@@ -116,3 +116,17 @@ def test_resume_refuses_changed_inputs_skips_torn_checkpoints_and_sigterm_exits_
     assert "skipped checkpoint-7" in result.stderr.replace("\n", " ")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert all(yaml.safe_load(line) for line in lines)
+
+
+def test_resume_switching_on_a_null_section_is_refused_not_a_traceback(tmp_path):
+    from mistral_sov.recipe import Recipe
+    from mistral_sov.run_folder import check_same_recipe
+
+    recipe = small_recipe(tmp_path / "model", tmp_path / "out")
+    (tmp_path / "recipe.yaml").write_text(Recipe.model_validate(recipe).to_yaml())  # quantization: null
+    with pytest.raises(InputError, match=r"differs .*quantization\.bits"):
+        check_same_recipe(Recipe.model_validate({**recipe, "quantization": {"bits": 4}}), tmp_path / "recipe.yaml")
+    with pytest.raises(InputError, match=r"differs .*quantization\.bits"):  # and switching it off again
+        saved = Recipe.model_validate({**recipe, "quantization": {"bits": 4}})
+        (tmp_path / "recipe.yaml").write_text(saved.to_yaml())
+        check_same_recipe(Recipe.model_validate(recipe), tmp_path / "recipe.yaml")
