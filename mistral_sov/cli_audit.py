@@ -187,6 +187,19 @@ def _print_explanation(console, facts: dict) -> None:
                       f"eval loss {_num(before.get('loss'))} → {_num(after.get('loss'))}")
     for item in facts["weights"]:
         console.print(f"weights      {item['sha256'][:16]}  {escape(item['name'])}")
+    export = facts.get("export")
+    seal = (export or {}).get("training_seal")
+    if export is None:
+        console.print("sealed at training time: everything above (the training run wrote this provenance)")
+    elif seal:
+        signer = (f"signed at training time by key SHA256:{seal['training_key_hint']}" if seal["signed_at_training"]
+                  else "NOT signed at training time: someone able to rewrite the run folder could have rewritten "
+                       "its record too")
+        console.print(f"sealed at training time: base model, datasets, recipe, seed, versions, machine, metrics "
+                      f"(the run's {seal['record']}, sha256:{seal['record_sha256'][:16]}…; {signer})")
+        console.print("sealed at export time: the weights, how they were merged (dtype, base digest)")
+    else:
+        console.print("sealed at export time: everything above (a bare adapter: no training record existed)")
 
 
 def _num(value) -> str:

@@ -111,13 +111,47 @@ def base_digest(files: dict[str, str]) -> str | None:
     return subject_digest(files[n] for n in sorted(files, key=sort_key)) if files else None
 
 
+def training_seal(run: Run) -> tuple[dict | None, dict | None]:
+    """The training run's own record (ADAPTER/msov/provenance.json, written at training time, bound to the adapter
+    weights by their digests and covered by adapter.sig when the run was signed) and how it was sealed. run.json
+    is only a copy: one whose training claims differ from the record is refused (exit 4)."""
+    import hashlib
+
+    from .errors import VerificationError
+    from .manifest import hash_files
+    from .provenance import PROVENANCE_PATH, build_statement, check_provenance, parse_provenance, sealed_claims
+
+    record = run.adapter_dir / PROVENANCE_PATH
+    if not record.is_file():
+        if run.summary:
+            raise VerificationError(f"{record}: missing; the run's claims (run.json) are not sealed by training.")
+        return None, None
+    data = record.read_bytes()
+    trained = parse_provenance(data, record, error=VerificationError)
+    weights = {s.get("name"): None for s in trained.get("subject") or []}
+    on_disk = dict(zip(weights, hash_files([run.adapter_dir / str(n) for n in weights]))) \
+        if all((run.adapter_dir / str(n)).is_file() for n in weights) else {}
+    problems = check_provenance(trained, on_disk)
+    if problems:
+        raise VerificationError(f"{record}: " + "; ".join(problems) + " (the adapter is not the one training "
+                                f"sealed).")
+    if run.summary and sealed_claims(build_statement(run.provenance_input(), on_disk)) != sealed_claims(trained):
+        raise VerificationError(f"{run.path / 'run.json'}: its training claims (datasets, base model files, recipe "
+                                f"digest, seed or metrics) differ from what training sealed in {record}.",
+                                hint="run.json was edited after training; export from an untouched run folder.")
+    sig = run.path / "adapter.sig"
+    signed = (run.summary.get("signature") or {}).get("key_hint") if sig.is_file() else None
+    return trained, {"record": PROVENANCE_PATH, "record_sha256": hashlib.sha256(data).hexdigest(),
+                     "signed_at_training": bool(signed), "training_key_hint": signed}
+
+
 # --- the merged export ---------------------------------------------------------------------------------------
 
 def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_size: str | int = "5GB",
                   key: Path | None = None, base: Path | None = None, include_paths: bool = False,
                   overwrite: bool = False, on_event=_ignore, fmt: str = "hf") -> dict:
     """`msov export RUN --merge --out OUT`: base + adapter as one standard Hugging Face folder (signed: OUT.sig)."""
-    from .provenance import read_provenance, write_provenance
+    from .provenance import write_provenance, write_statement
     from .registry import base_license, check_target, copy_tokenizer, folder_digest, model_card, publish, staged
     from .keys import check_signing_key, refuse_secrets
     from .signing import sign_folder
@@ -150,6 +184,7 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
     if (folder.path / "model.safetensors.index.json").is_file():
         used.append("model.safetensors.index.json")
     check_base_unchanged(folder, run, used)
+    trained, seal = training_seal(run)
 
     with staged(out) as stage:
         # 3. the streamed merge
@@ -183,11 +218,13 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
             "trained_with_quantization": quant or None,
             "lora": {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")},
         }
-        trained = read_provenance(run.adapter_dir)  # the training machine, not this one, is the "hardware"
-        hardware = (((trained or {}).get("predicate") or {}).get("buildDefinition") or {}) \
-            .get("internalParameters", {}).get("hardware")
-        write_provenance(stage.folder, {**run.provenance_input(), **({"hardware": hardware} if hardware else {})},
-                         weight_digests=merged["files"], export=facts)
+        if trained is None:  # a bare adapter: only export-time facts, and the provenance says so
+            write_provenance(stage.folder, run.provenance_input(), weight_digests=merged["files"], export=facts)
+        else:  # every training claim copied from what training sealed, never from the editable run.json
+            statement = json.loads(json.dumps(trained))
+            statement["subject"] = [{"name": n, "digest": {"sha256": d}} for n, d in sorted(merged["files"].items())]
+            statement["predicate"]["buildDefinition"]["externalParameters"]["export"] = {**facts, "training_seal": seal}
+            write_statement(stage.folder, statement)
         base_id = facts["base_model_digest"]
         card_facts = {"adapter id": f"`sha256:{adapter_id}`", "dtype": facts["dtype"],
                       "base model digest": f"`sha256:{base_id}`" if base_id else None,

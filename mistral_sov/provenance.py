@@ -41,6 +41,10 @@ def write_provenance(folder: Path, run: dict, *, weight_digests: dict[str, str] 
         weight_digests = _hash_weights(folder)
     if not weight_digests:
         raise InputError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to describe in provenance.")
+    return write_statement(folder, build_statement(run, weight_digests, export))
+
+
+def build_statement(run: dict, weight_digests: dict[str, str], export: dict | None = None) -> dict:
     base = run.get("base_model") or {}
     data = run.get("data") or {}
     versions = run.get("versions") or {}
@@ -77,10 +81,23 @@ def write_provenance(folder: Path, run: dict, *, weight_digests: dict[str, str] 
             },
         },
     }
-    target = folder / PROVENANCE_PATH
+    return statement
+
+
+def write_statement(folder: Path, statement: dict) -> Path:
+    target = Path(folder) / PROVENANCE_PATH
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, (json.dumps(statement, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return target
+
+
+def sealed_claims(statement: dict) -> dict:
+    """The training claims of a statement: what an export may only copy from the training run's own record."""
+    build = (statement.get("predicate") or {}).get("buildDefinition") or {}
+    external = build.get("externalParameters") or {}
+    return {"recipe_digest": external.get("recipe_digest"), "seed": external.get("seed"),
+            "resolvedDependencies": build.get("resolvedDependencies"),
+            "byproducts": ((statement.get("predicate") or {}).get("runDetails") or {}).get("byproducts")}
 
 
 def read_provenance(folder: Path) -> dict | None:
@@ -141,6 +158,7 @@ def explain(doc: dict) -> dict:
         "started": (run.get("metadata") or {}).get("startedOn"),
         "finished": (run.get("metadata") or {}).get("finishedOn"),
         "metrics": metrics or {},
+        "export": external.get("export"),
     }
 
 

@@ -318,8 +318,12 @@ def test_killed_export_leaves_nothing(trained_run, sharded_model, keys, tmp_path
     summary = json.loads((run / "run.json").read_text())
     from mistral_sov.manifest import digest_folder
 
+    from mistral_sov.provenance import write_provenance
+
     summary["base_model"] = {"path": str(sharded_model), "files": digest_folder(sharded_model)}
     (run / "run.json").write_text(json.dumps(summary))
+    # the run as if trained on the sharded base: its record rewritten to match (an unsigned seal allows this)
+    write_provenance(run / "adapter", {**summary, "recipe": yaml.safe_load((run / "recipe.yaml").read_text())})
 
     def start(out):  # not --json: the stage lines on stderr tell where the export is
         return subprocess.Popen([*MSOV, "export", run, "--merge", "--out", out, "--shard-size", "200KB",
@@ -350,3 +354,21 @@ def test_killed_export_leaves_nothing(trained_run, sharded_model, keys, tmp_path
     # the next export to the same target removes what the killed ones left and publishes
     assert start(out).wait() == 0
     assert out.is_dir() and sig.is_file() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_merge_export_signs_only_what_training_sealed(cli, trained_run, keys, tmp_path):
+    """Issue 12 item 2: an edited run.json must not become signed provenance."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    summary = json.loads((run / "run.json").read_text())
+    summary["train"]["final_loss"] = 0.0001
+    (run / "run.json").write_text(json.dumps(summary))
+    forged = cli("export", run, "--merge", "--out", tmp_path / "m", "--key", keys[0], "--json")
+    assert forged.exit_code == 4 and "run.json" in forged.stdout and "sealed" in forged.stdout
+    assert not (tmp_path / "m").exists()
+    shutil.copy(trained_run / "run.json", run / "run.json")
+    ok = cli("export", run, "--merge", "--out", tmp_path / "m", "--key", keys[0], "--json")
+    assert ok.exit_code == 0, ok.stdout
+    explained = cli("verify", tmp_path / "m", "--key", keys[1], "--explain")
+    assert explained.exit_code == 0 and "sealed at training time" in explained.stdout
+    assert "sealed at export time" in explained.stdout
