@@ -54,8 +54,8 @@ def payload_of(sig: Path) -> dict:
 
 def test_finetune_signs_before_publishing_and_records_it(signed_run):
     summary, out, _ = signed_run
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "adapter.sig", "loss.png", "metrics.jsonl",
-                                                     "recipe.yaml", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "adapter.sig", "inputs.json", "loss.png",
+                                                     "metrics.jsonl", "recipe.yaml", "run.json"]
     run = json.loads((out / "run.json").read_text())
     statement = payload_of(out / "adapter.sig")
     assert run["signature"]["path"] == str(out / "adapter.sig")
