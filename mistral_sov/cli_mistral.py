@@ -23,6 +23,10 @@ def convert(
     from .mistral_native import convert_native
     from .registry import check_target, staged
 
+    if out.resolve().is_relative_to(native.resolve()):
+        from .errors import InputError
+
+        raise InputError(f"--out {out} is inside the folder it converts ({native}); write it elsewhere.")
     check_target(out, overwrite=False)
     with staged(out) as stage:
         record = convert_native(native, stage.folder)

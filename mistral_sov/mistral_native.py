@@ -128,6 +128,16 @@ def hf_name(native: str) -> str | None:
 
 
 def config_from_params(params: dict, where: Path) -> dict:
+    if not isinstance(params, dict):
+        raise ModelFolderError(f"{where}: params.json is not a JSON object")
+    for field in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size", "n_kv_heads", "head_dim"):
+        value = params.get(field, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1 << 24:
+            raise ModelFolderError(f"{where}: params.json field {field} is {value!r}; expected a positive integer")
+    if params.get("dim", 0) % params.get("n_heads", 1) or params.get("n_heads", 0) % params.get("n_kv_heads", 1):
+        raise ModelFolderError(f"{where}: params.json dim={params.get('dim')} n_heads={params.get('n_heads')} "
+                               f"n_kv_heads={params.get('n_kv_heads')}; expected dim divisible by n_heads and "
+                               "n_heads by n_kv_heads")
     try:
         heads, dim = params["n_heads"], params["dim"]
         return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": dim,
@@ -201,12 +211,15 @@ def _stream(plan: list[tuple[Path, str, str, object]], out_file: Path) -> str:
 
 
 def _names(files: list[Path]) -> list[tuple[Path, str]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     found = []
     for path in files:
-        with safe_open(path, "pt") as handle:
-            found += [(path, name) for name in handle.keys()]
+        try:
+            with safe_open(path, "pt") as handle:
+                found += [(path, name) for name in handle.keys()]
+        except (SafetensorError, OSError) as exc:
+            raise ModelFolderError(f"{path}: not a readable safetensors file ({exc})") from None
     return found
 
 
@@ -228,7 +241,14 @@ def convert_native(src: Path, out: Path) -> dict:
     tokenizer = mistral_tokenizer_file(src)
     if tokenizer is None:
         raise ModelFolderError(f"{src}: no Mistral tokenizer file (tekken.json or tokenizer.model.v*).")
-    params = json.loads((src / "params.json").read_text(encoding="utf-8"))
+    for path in (src, weights, src / "params.json", tokenizer):
+        if path.is_symlink():
+            raise ModelFolderError(f"{path}: is a symlink; msov reads only the folder's own files, so what is "
+                                   "digested is what is converted.", hint="Copy the file into the folder.")
+    try:
+        params = json.loads((src / "params.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFolderError(f"{src / 'params.json'}: not readable JSON ({exc})") from None
     config = config_from_params(params, src / "params.json")
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     plan = []
@@ -237,6 +257,9 @@ def convert_native(src: Path, out: Path) -> dict:
         if target is None:
             raise ModelFolderError(f"{weights}: tensor {name!r} has no Hugging Face Mistral counterpart "
                                    "(vision, MoE and LoRA tensors are not converted).")
+        if target.startswith("model.layers.") and int(target.split(".")[2]) >= config["num_hidden_layers"]:
+            raise ModelFolderError(f"{weights}: tensor {name!r} is past the n_layers="
+                                   f"{config['num_hidden_layers']} that params.json declares.")
         transform = None
         if target.endswith("q_proj.weight"):
             transform = (lambda t, h=heads: _permute(t, h, True))

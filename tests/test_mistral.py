@@ -351,3 +351,63 @@ def test_nemo_like_folder_with_tokenizer_json_loads(tmp_path):
     data = tokenize_records(records, tokenizer, max_seq_len=512)
     assert data.stats.rows_out == 2
     assert data.dataset[0]["input_ids"] == _reference(tokenizer.msov_mistral, records[0])
+
+
+def _hostile_native(tmp_path: Path, params: str, weights: bytes | None = None) -> Path:
+    folder = tmp_path / "hostile"
+    folder.mkdir(exist_ok=True)
+    (folder / "params.json").write_text(params)
+    shutil.copy(DATA / FILES["v3"], folder / "tokenizer.model.v3")
+    if weights is not None:
+        (folder / "consolidated.safetensors").write_bytes(weights)
+    return folder
+
+
+GOOD_PARAMS = json.dumps({"dim": 8, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 16,
+                          "norm_eps": 1e-5, "vocab_size": 32})
+
+
+@pytest.mark.parametrize("params, weights, match", [
+    ("{not json", None, "params.json"),
+    ("[1, 2]", None, "params.json"),
+    (json.dumps({"dim": 8, "n_layers": 1, "n_heads": 0, "hidden_dim": 16, "norm_eps": 1e-5, "vocab_size": 32}),
+     None, "n_heads"),
+    (json.dumps({"dim": 8, "n_layers": "1", "n_heads": 2, "hidden_dim": 16, "norm_eps": 1e-5, "vocab_size": 32}),
+     None, "n_layers"),
+    (json.dumps({"dim": 9, "n_layers": 1, "n_heads": 2, "hidden_dim": 16, "norm_eps": 1e-5, "vocab_size": 32}),
+     None, "dim"),
+    (GOOD_PARAMS, b"\xff" * 64, "consolidated.safetensors"),
+    (GOOD_PARAMS, (40).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [1]}}   ', "consolidated"),
+])
+def test_convert_refuses_hostile_native_folders_with_exit_3(tmp_path, cli, params, weights, match):
+    from safetensors.torch import save_file
+    import torch
+
+    folder = _hostile_native(tmp_path, params, weights)
+    if weights is None:
+        save_file({"norm.weight": torch.ones(8)}, str(folder / "consolidated.safetensors"))
+    result = cli("convert", str(folder), "--out", str(tmp_path / "hf"), "--json")
+    assert result.exit_code == 3, result.output
+    document = json.loads(result.stdout)
+    assert document["status"] == "error" and match in document["error"]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_convert_refuses_symlinks_and_output_inside_input(tmp_path, cli):
+    from safetensors.torch import save_file
+    import torch
+
+    real = tmp_path / "real.safetensors"
+    save_file({"norm.weight": torch.ones(8)}, str(real))
+    folder = _hostile_native(tmp_path, GOOD_PARAMS)
+    (folder / "consolidated.safetensors").symlink_to(real)
+    result = cli("convert", str(folder), "--out", str(tmp_path / "hf"))
+    assert result.exit_code == 3 and "symlink" in result.output, result.output
+    (folder / "consolidated.safetensors").unlink()
+    shutil.copy(real, folder / "consolidated.safetensors")
+    result = cli("convert", str(folder), "--out", str(folder / "hf"))
+    assert result.exit_code == 3 and "inside" in result.output, result.output
+    # A tensor of a layer params.json does not have is refused, not silently written.
+    save_file({"layers.7.attention_norm.weight": torch.ones(8)}, str(folder / "consolidated.safetensors"))
+    result = cli("convert", str(folder), "--out", str(tmp_path / "hf"))
+    assert result.exit_code == 3 and "n_layers" in result.output, result.output
