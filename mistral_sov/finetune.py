@@ -153,7 +153,10 @@ def _finetune(recipe: Recipe, *, resume: bool, overwrite: bool, on_event: EventS
         "checkpoint": found[0].name if found[0] else None,
         "data sha256": [f.sha256 for f in found[1].train_files + found[1].eval_files]})
     if checkpoint is None and main:
-        shutil.rmtree(work_dir, ignore_errors=True)  # only an unfinished run the user chose to --overwrite
+        if resume:
+            on_event("warning", {"text": f"no complete checkpoint in '{work_dir}' (the run was stopped before its "
+                                         "first one was written): starting again from step 0"})
+        shutil.rmtree(work_dir, ignore_errors=True)  # an unfinished run the user chose to --overwrite or --resume
         work_dir.mkdir(parents=True)
 
     # 3. base weights with LoRA attached; the seed fixes the adapter's initialisation
@@ -200,6 +203,10 @@ def _finetune(recipe: Recipe, *, resume: bool, overwrite: bool, on_event: EventS
                 shutil.rmtree(partial, ignore_errors=True)
                 on_event("warning", {"text": f"skipped {partial.name}: incomplete (the run was stopped while "
                                              "writing it)"})
+            elif checkpoint_step(partial) > checkpoint_step(checkpoint):  # the Trainer rewrites it in place
+                shutil.rmtree(partial, ignore_errors=True)
+                on_event("warning", {"text": f"skipped {partial.name}: written at the run's last step; its last "
+                                             f"steps run again from {checkpoint.name}"})
         trim_metrics(work_dir / "metrics.jsonl", checkpoint_step(checkpoint))
         on_event("stage", {"text": f"resuming from {checkpoint.name}"})
     trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,

@@ -83,6 +83,8 @@ def check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool
     if resume:
         checkpoint = _checkpoint_to_resume(work_dir)
         check_same_recipe(recipe, work_dir / "recipe.yaml")
+        if checkpoint is None:  # the run starts over in work_dir: only if it is msov's own unfinished run
+            refuse_foreign(work_dir, markers=("recipe.yaml", "checkpoints", "inputs.json"), what="output.dir")
         return checkpoint
     if work_dir.exists() and not overwrite:
         step = latest_checkpoint(work_dir / "checkpoints")
@@ -92,12 +94,15 @@ def check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool
     return None
 
 
-def _checkpoint_to_resume(work_dir: Path) -> Path:
-    """The latest complete checkpoint (the same words on every rank, so that a failure on all is reported once)."""
-    from .training import latest_checkpoint
+def _checkpoint_to_resume(work_dir: Path) -> Path | None:
+    """The latest complete checkpoint (the same words on every rank, so that a failure on all is reported once).
 
-    checkpoint = latest_checkpoint(work_dir / "checkpoints")
-    if checkpoint is None:
+    None when the unfinished run was stopped before its first checkpoint was complete: it starts again from step 0,
+    as nothing of it was kept."""
+    from .training import resume_point
+
+    checkpoint = resume_point(work_dir / "checkpoints")
+    if checkpoint is None and not work_dir.is_dir():
         raise InputError(f"--resume: no checkpoint found in '{work_dir / 'checkpoints'}'.",
                          hint="Checkpoints are written every train.save_steps steps of an unfinished run; on "
                               "several machines every one must see the run folder (a shared file system).")

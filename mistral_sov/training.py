@@ -135,6 +135,19 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_point(checkpoint_dir: Path) -> Path | None:
+    """The checkpoint --resume continues from: the newest complete one, unless it was written at the run's last step
+    (a kill during the adapter's export). Resumed there, the Trainer (transformers 5.x) trains one step past the end
+    and checkpoints it, and a second resume from that one gave another adapter; so the one before it is taken and
+    its last steps run again (or the run starts over when there is none)."""
+    complete = [p for p in checkpoints(checkpoint_dir) if is_complete(p)]
+    if complete:
+        state = json.loads((complete[-1] / "trainer_state.json").read_text())
+        if state.get("global_step", 0) >= state.get("max_steps", float("inf")):
+            complete.pop()
+    return complete[-1] if complete else None
+
+
 def checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []

@@ -1,9 +1,13 @@
 """Crashes lose nothing: kill -9 then --resume gives the uninterrupted adapter; Ctrl-C checkpoints and exits 130."""
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,3 +81,177 @@ def test_unwritable_output_is_a_clear_error(cli, write_recipe, tiny_model, tmp_p
     result = cli("finetune", write_recipe(small_recipe(tiny_model, blocker / "out")))
     assert result.exit_code == 3
     assert "output.dir: cannot create" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- SIGKILL at 20 random instants -------------------------------------------------------------------------------
+# One server process imports torch, transformers and msov once and runs no torch op; every attempt is a fork of it
+# (milliseconds, not a fresh interpreter). The child reports what it is doing on a pipe; the server SIGKILLs it a
+# seeded-random delay after a chosen event (any time after the start, the start of a checkpoint write, or the start of
+# the adapter/publish writes), so kills land in every phase, not only between steps.
+KILL_STEPS = dict(max_steps=6, save_steps=2, logging_steps=1)
+KILLS, CHAINS, SEED = 20, 4, 12
+
+
+def _child(request: dict, report: int) -> int:
+    import torch
+    from transformers import Trainer  # imported by the server already: this is a lookup
+
+    from mistral_sov import training
+    from mistral_sov.errors import MsovError
+
+    os.dup2(2, 1)  # the server's stdout is its answer channel
+    torch.set_num_threads(1)
+    clock = time.monotonic()
+
+    def emit(name: str) -> None:
+        os.write(report, f"{name} {time.monotonic() - clock:.4f}\n".encode())
+
+    # Observation only, in this child only: the start of a checkpoint write and the moment it is marked complete.
+    save, mark = Trainer._save_checkpoint, training.mark_complete
+    Trainer._save_checkpoint = lambda self, *a, **k: (emit("save"), save(self, *a, **k))[1]
+    training.mark_complete = lambda folder: (mark(folder), emit("saved"))[0]
+
+    def on_event(kind, payload):
+        if kind == "stage" and payload["text"] == "saving adapter":
+            emit("export")
+    try:
+        finetune(load_recipe(request["recipe"]), resume=request["resume"], overwrite=request["overwrite"],
+                 on_event=on_event)
+    except MsovError as err:
+        os.write(report, f"error {err.message}\n".encode())
+        return err.exit_code
+    emit("done")
+    return 0
+
+
+def serve() -> None:
+    """One JSON request per stdin line -> one JSON answer per stdout line (exit status, the events and their times)."""
+    import select
+
+    import matplotlib.pyplot  # noqa: F401 - imported once here, not in every child (the loss plot)
+    import peft  # noqa: F401
+    from transformers import Trainer  # noqa: F401 - transformers imports it lazily, in about a second
+
+    import mistral_sov.evaluate  # noqa: F401
+    import mistral_sov.modeling  # noqa: F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            code = 1
+            try:
+                code = _child(request, write_end)
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        started, events, buffer, killed_at = time.monotonic(), [], b"", None
+        anchor, nth, delay = request.get("anchor"), request.get("nth", 1), request.get("delay", 0.0)
+        deadline = started + delay if anchor == "start" else None
+        while True:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+            ready, _, _ = select.select([read_end], [], [], timeout)
+            if not ready:  # the kill instant
+                killed_at = time.monotonic() - started
+                os.kill(pid, signal.SIGKILL)
+                deadline = None
+                continue
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                name, _, rest = raw.decode().partition(" ")
+                events.append([name, rest])
+                if anchor == name and killed_at is None and deadline is None:
+                    nth -= 1
+                    if nth == 0:
+                        deadline = time.monotonic() + delay
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(json.dumps({"rc": code, "killed_at": killed_at, "events": events}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def attempt(tmp_path_factory):
+    """Run one attempt in a fork of the server: attempt(recipe=..., resume=..., overwrite=..., anchor=..., delay=...)."""
+    log = tmp_path_factory.mktemp("server") / "stderr.txt"
+    tests = str(Path(__file__).resolve().parent)
+    with open(log, "w") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {tests!r}); import test_faults; test_faults.serve()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+    def ask(**request) -> dict:
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        answer = server.stdout.readline()
+        assert answer, "the fork server died: " + log.read_text()[-3000:]
+        return json.loads(answer)
+
+    yield ask
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+PHASES = {None: "before the first checkpoint", "save": "inside a checkpoint write", "saved": "training",
+          "export": "inside the adapter/run.json/publish writes", "done": "after the publish"}
+
+
+def test_sigkill_at_20_random_instants_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_path, attempt):
+    from mistral_sov.training import checkpoint_step, resume_point
+
+    def adapter_digest(run: Path) -> str:
+        return sha256_file(run / "adapter" / "adapter_model.safetensors")
+
+    def recipe(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(small_recipe(tiny_model, tmp_path / name, **KILL_STEPS)))
+        return path
+
+    straight = attempt(recipe=str(recipe("straight")), resume=False, overwrite=False)
+    assert straight["rc"] == 0, straight
+    expected = adapter_digest(tmp_path / "straight")
+    at = [(name, float(t)) for name, t in straight["events"] if name != "error"]
+    total = dict(at)["done"]
+    save_window = max(b[1] - a[1] for a, b in zip(at, at[1:]) if a[0] == "save" and b[0] == "saved")
+    export_window = total - dict(at)["export"]
+
+    rng, story, landed = random.Random(SEED), [], {}
+    for chain in range(CHAINS):
+        path, out = recipe(f"chain{chain}"), tmp_path / f"chain{chain}"
+        work, kills = out.with_name(out.name + ".partial"), 0
+        for _ in range(3 * KILLS // CHAINS):
+            resume = work.exists()  # what a user would do: --resume an unfinished run, rerun a finished one
+            plan = {}
+            if kills < KILLS // CHAINS:
+                done = resume_point(work / "checkpoints") if resume else None
+                saves_left = (KILL_STEPS["max_steps"] - (checkpoint_step(done) if done else 0)) // KILL_STEPS["save_steps"]
+                anchor = rng.choices(["start", "save", "export"], weights=[2, 2 if saves_left else 0, 1])[0]
+                window = {"start": total, "save": save_window, "export": export_window}[anchor]
+                plan = {"anchor": anchor, "nth": rng.randint(1, max(saves_left, 1)), "delay": rng.uniform(0, window)}
+            answer = attempt(recipe=str(path), resume=resume, overwrite=out.exists() and not resume, **plan)
+            last = next((name for name, _ in reversed(answer["events"]) if name in PHASES), None)
+            phase = PHASES[last] if answer["rc"] == -signal.SIGKILL else "ran to the end"
+            story.append(f"chain {chain} {'resume' if resume else 'start'} {plan or 'no kill'}: rc {answer['rc']}, "
+                         f"killed at {answer['killed_at']}, {phase}, events {answer['events']}")
+            if answer["rc"] == -signal.SIGKILL:
+                kills += 1
+                landed[phase] = landed.get(phase, 0) + 1
+            else:
+                assert answer["rc"] == 0, "\n".join(story)
+            if out.exists():  # only ever a whole run: published after its adapter and run.json
+                assert json.loads((out / "run.json").read_text())["status"] == "complete", "\n".join(story)
+                assert adapter_digest(out) == expected, "\n".join(story)
+            if not plan and answer["rc"] == 0:
+                break
+        else:
+            pytest.fail("a chain did not finish:\n" + "\n".join(story))
+    assert sum(landed.values()) == KILLS, "\n".join(story)
+    assert landed.get(PHASES["save"], 0) >= 3 and landed.get(PHASES["export"], 0) >= 2, (landed, "\n".join(story))
+    print(landed)
