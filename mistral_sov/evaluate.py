@@ -43,8 +43,14 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
 
     from .data import render_prompt
 
-    prompt = render_prompt(messages, tokenizer)
-    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    mistral = getattr(tokenizer, "msov_mistral", None)
+    if mistral is not None:  # the tokenizer of record encodes the prompt, as it encoded the training rows
+        from .mistral_native import encode_prompt
+
+        ids = torch.tensor([encode_prompt(mistral, messages)])
+        encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    else:
+        encoded = tokenizer(render_prompt(messages, tokenizer), return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -50,6 +50,13 @@ def encode_chat(tokenizer, record: dict, number: int) -> tuple[list[int], list[i
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
     messages = record["messages"]
+    for i, message in enumerate(messages):
+        try:
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # sentencepiece's C++ binding would fail with a bare RuntimeError on a lone surrogate.
+            raise DataError(f"conversation {number} ({_opening(messages)}): message {i} holds text that is not "
+                            "valid Unicode (a lone surrogate)", hint="Fix the text's encoding.") from None
     weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
     keep = ("role", "content", "tool_calls", "tool_call_id")
     openai = [{k: v for k, v in m.items() if k in keep} for m in messages]
@@ -93,6 +100,17 @@ def encode_chat(tokenizer, record: dict, number: int) -> tuple[list[int], list[i
                            "encoding; this mistral-common version is not the one msov was tested with")
     labels[0] = IGNORE  # position 0 is never a prediction target
     return ids, labels
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation ending with a user turn, as mistral-common encodes it for the model to answer: generation
+    prompts then match what training encoded, not what a chat template approximates."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    request = ChatCompletionRequest.from_openai([{k: v for k, v in m.items() if k != "weight"} for m in messages])
+    # The tokenizer is loaded in finetuning mode, whose validator wants an answer last; a prompt has none.
+    instruct_request = tokenizer._instruct_request_normalizer.from_chat_completion_request(request)
+    return tokenizer.instruct_tokenizer.encode_instruct(instruct_request).tokens
 
 
 def _opening(messages: list[dict]) -> str:

@@ -411,3 +411,30 @@ def test_convert_refuses_symlinks_and_output_inside_input(tmp_path, cli):
     save_file({"layers.7.attention_norm.weight": torch.ones(8)}, str(folder / "consolidated.safetensors"))
     result = cli("convert", str(folder), "--out", str(tmp_path / "hf"))
     assert result.exit_code == 3 and "n_layers" in result.output, result.output
+
+
+@pytest.mark.parametrize("name", ["v3", "tekken-240911"])
+def test_generation_prompt_is_mistral_commons_encoding(mistral_tokenizers, name):
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from mistral_sov.mistral_native import encode_chat, encode_prompt
+
+    conversation = PLAIN[1]
+    prompt = conversation[:-1]
+    ids = encode_prompt(mistral_tokenizers[name], prompt)
+    serving = MistralTokenizer.from_file(str(DATA / FILES[name]), mode=ValidationMode.test)
+    assert ids == serving.encode_chat_completion(ChatCompletionRequest.from_openai(prompt)).tokens
+    trained, labels = encode_chat(mistral_tokenizers[name], {"messages": conversation}, 1)
+    first_learned = max(i for i, label in enumerate(labels) if label == IGNORE and i < len(ids)) + 1
+    assert trained[:len(ids)] == ids and first_learned == len(ids)  # the model answers where training learned
+
+
+def test_lone_surrogate_and_megabyte_text_through_mistral_common(mistral_tokenizers):
+    mistral = mistral_tokenizers["v3"]
+    bad = [{"role": "user", "content": "a\ud800"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(DataError, match="message 0.*surrogate"):
+        tokenize_records([{"messages": bad}], SimpleNamespace(msov_mistral=mistral), max_seq_len=64)
+    big = [{"role": "user", "content": "word " * 200_000}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(DataError, match="no training rows"):  # truncated to the prompt: nothing left to learn
+        tokenize_records([{"messages": big}], SimpleNamespace(msov_mistral=mistral), max_seq_len=64)
