@@ -289,7 +289,7 @@ def data_validate(
 
     results = []
     for path in files:
-        loaded = load_data_file(path, fmt, sft=False, split=split)
+        loaded = load_data_file(path, fmt, sft=False, split=split, keep_records=False)
         results.append({"path": str(path), "format": loaded.format, "rows": loaded.rows, "sha256": loaded.sha256,
                         "roles": loaded.roles, "fields": loaded.fields})
     if as_json:

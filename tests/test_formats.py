@@ -242,3 +242,30 @@ def test_saved_datasets_arrow_files_and_globs(tmp_path):
         load_data_file(str(tmp_path / "data" / "*.jsonl"))
     with pytest.raises(DataError, match="no file matches"):
         load_data_file(str(tmp_path / "none" / "*.jsonl"))
+
+
+def test_checking_a_file_holds_one_row_at_a_time(tmp_path):
+    """Issue 14: validation held every row; now the Python heap peak stays flat as the file grows."""
+    import tracemalloc
+
+    row = {"messages": [{"role": "user", "content": "Printer jam? " * 20},
+                        {"role": "assistant", "content": "Open the rear tray. " * 20}]}
+
+    def peak(rows: int) -> int:
+        path = write_jsonl(tmp_path / f"{rows}.jsonl", [row] * rows)
+        tracemalloc.start()
+        loaded = load_data_file(path, keep_records=False)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (loaded.rows, loaded.records, loaded.roles) == (rows, [], ["user", "assistant"])
+        return top
+
+    small, large = peak(200), peak(4000)  # about 0.1 MB and 2 MB of JSONL
+    assert large < 1.5 * small + 100_000, (small, large)
+    # Bad rows are still all reported, in file order, with line and field, after the good rows were dropped.
+    path = write_jsonl(tmp_path / "bad.jsonl", [row, {"messages": []}, row, "{oops", {"msg": 1}])
+    with pytest.raises(DataError) as info:
+        load_data_file(path, keep_records=False)
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("3 problems in 3 rows (chat format, detected from line 1):")
+    assert [line.split(": ")[0].rsplit(":", 1)[1] for line in lines[1:]] == ["2", "4", "5"]

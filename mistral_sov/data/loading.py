@@ -1,4 +1,8 @@
-"""Load one data file: read it, check every row, normalise. All or nothing: a file with any bad row loads nothing."""
+"""Load one data file: read it, check every row, normalise. All or nothing: a file with any bad row loads nothing.
+
+Rows are read and checked one at a time, so checking a file (`keep_records=False`) holds no more than one row
+(one Parquet batch; a .json document is parsed whole) plus the problems found, however large the file.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 from ..errors import DataError
 from ..manifest import sha256_file
 from .formats import EXPECTED, FORMATS, SFT_FORMATS, check_row, detect_format, fields_of
-from .readers import READERS, Problem, read_saved_dataset
+from .readers import STREAMS, Problem, iter_saved_dataset
 
 SHOWN_PROBLEMS = 20
 
@@ -28,11 +32,13 @@ class LoadedData:
     fields: list[str] = field(default_factory=list)  # every top-level field the rows hold, used or not
 
 
-def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True, split: str | None = None) -> LoadedData:
+def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True, split: str | None = None,
+                   keep_records: bool = True) -> LoadedData:
     """`sft`: refuse formats supervised fine-tuning cannot train on (preference pairs); validation reads them all.
-    `path` may be a file, a `datasets` save_to_disk folder (`split` picks a DatasetDict's split) or a glob."""
+    `path` may be a file, a `datasets` save_to_disk folder (`split` picks a DatasetDict's split) or a glob.
+    `keep_records=False` checks and counts every row but keeps none (records and places stay empty)."""
     if glob.has_magic(str(path)):
-        return _load_glob(str(path), fmt, sft=sft)
+        return _load_glob(str(path), fmt, sft=sft, keep_records=keep_records)
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"{path}: unknown data format '{fmt}'; expected auto, {', '.join(FORMATS)}")
@@ -40,31 +46,61 @@ def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True, spl
     if not path.is_file() and not saved:
         what = "is a folder, not a data file or `datasets` folder" if path.is_dir() else "no such data file"
         raise DataError(f"{path}: {what}", hint="Paths in a recipe are relative to the recipe file's folder.")
-    reader = read_saved_dataset if saved else READERS.get(path.suffix.lower())
+    reader = iter_saved_dataset if saved else STREAMS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported data file type '{path.suffix or '(no suffix)'}'; "
-                        f"supported: {', '.join(READERS)}, or a `datasets` save_to_disk folder",
+                        f"supported: {', '.join(STREAMS)}, or a `datasets` save_to_disk folder",
                         hint="Convert the file to JSONL (one JSON object per line), JSON, CSV or Parquet.")
 
-    rows, problems = read_saved_dataset(path, split) if reader is read_saved_dataset else reader(path)
-    if not rows and not problems:
-        raise DataError(f"{path}: the file holds no rows", hint="Point the recipe at a file with training examples.")
+    items = iter_saved_dataset(path, split) if reader is iter_saved_dataset else reader(path)
+    problems: list[Problem] = []
+    records, places, roles, fields = [], [], {}, {}
+    resolved, source = (fmt, None) if fmt != "auto" else (None, None)
+    # Rows before the first one of a known format wait for it (they are all problems: bounded by the bad rows).
+    waiting: list[tuple[str, dict]] = []
+    read = bad_rows = good = 0
 
-    resolved, source = _resolve_format(fmt, rows)
-    records, places = [], []
-    bad_rows = len(problems)  # a reader reports one problem per row it could not read
-    for place, row in rows:
+    def check(place: str, row: dict) -> None:
+        nonlocal bad_rows, good
         # A row of no recognisable format is checked against the file's format: that names the missing field.
         if resolved is None or (fmt == "auto" and detect_format(row) not in (None, resolved)):
             problems.append((place, None, _mismatch(row, resolved, source)))
             bad_rows += 1
-            continue
+            return
         record, found = check_row(resolved, row)
         problems.extend((place, name, what) for name, what in found)
         bad_rows += bool(found)
         if record is not None:
-            records.append(record)
-            places.append(place)
+            good += 1
+            if keep_records and not problems:  # once any row is bad the file loads nothing: stop keeping
+                records.append(record)
+                places.append(place)
+
+    for place, row, problem in items:
+        read += 1
+        if problem is not None:
+            problems.append((place, None, problem))  # a reader reports one problem per row it could not read
+            bad_rows += 1
+            continue
+        fields.update(dict.fromkeys(row))
+        for turn in row.get("conversations") or row.get("messages") or ():
+            name = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+            if isinstance(name, str):
+                roles[name] = None
+        if resolved is None:
+            resolved = detect_format(row)
+            if resolved is None:
+                waiting.append((place, row))
+                continue
+            source = place
+            for early in waiting:
+                check(*early)
+            waiting = []
+        check(place, row)
+    for early in waiting:
+        check(*early)
+    if not read:
+        raise DataError(f"{path}: the file holds no rows", hint="Point the recipe at a file with training examples.")
     if problems:
         raise _problems_error(path, problems, bad_rows, resolved, source)
     if sft and resolved not in SFT_FORMATS:
@@ -72,14 +108,7 @@ def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True, spl
                         f"prompt, not from chosen/rejected pairs",
                         hint=f"Give a file in one of {', '.join(SFT_FORMATS)} format; `msov data validate` checks "
                              "preference files.")
-    roles, fields = {}, {}
-    for _, row in rows:
-        fields.update(dict.fromkeys(row))
-        for turn in row.get("conversations") or row.get("messages") or ():
-            name = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-            if isinstance(name, str):
-                roles[name] = None
-    return LoadedData(path=path, format=resolved, records=records, rows=len(records), sha256=_digest(path),
+    return LoadedData(path=path, format=resolved, records=records, rows=good, sha256=_digest(path),
                       places=places, roles=list(roles), fields=list(fields))
 
 
@@ -91,13 +120,13 @@ def _digest(path: Path) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _load_glob(pattern: str, fmt: str, *, sft: bool) -> LoadedData:
+def _load_glob(pattern: str, fmt: str, *, sft: bool, keep_records: bool) -> LoadedData:
     """Hugging Face-style data_files (`data/*.jsonl`): every match, in name order, held to one format."""
     matches = sorted(glob.glob(pattern, recursive=True))
     if not matches:
         raise DataError(f"{pattern}: no file matches this pattern",
                         hint="Paths in a recipe are relative to the recipe file's folder.")
-    parts = [load_data_file(match, fmt, sft=sft) for match in matches]
+    parts = [load_data_file(match, fmt, sft=sft, keep_records=keep_records) for match in matches]
     formats = {part.format for part in parts}
     if len(formats) > 1:
         raise DataError(f"{pattern}: the matching files are in different formats ("
@@ -109,17 +138,6 @@ def _load_glob(pattern: str, fmt: str, *, sft: bool) -> LoadedData:
                       places=[f"{p.path.name}:{place}" for p in parts for place in p.places],
                       roles=list(dict.fromkeys(r for p in parts for r in p.roles)),
                       fields=list(dict.fromkeys(f for p in parts for f in p.fields)))
-
-
-def _resolve_format(fmt: str, rows: list) -> tuple[str | None, str | None]:
-    """The format to hold every row to, and where it was decided (for messages about rows that differ)."""
-    if fmt != "auto":
-        return fmt, None
-    for place, row in rows:
-        detected = detect_format(row)
-        if detected:
-            return detected, place
-    return None, None
 
 
 def _mismatch(row: dict, resolved: str | None, source: str | None) -> str:

@@ -20,6 +20,10 @@ from .formats import detect_format
 # (place, field or None, what is wrong)
 Problem = tuple[str, "str | None", str]
 Rows = list[tuple[str, dict]]
+# What a streaming reader yields per row: (place, row, None), or (place, None, what is wrong).
+Item = tuple[str, "dict | None", "str | None"]
+# Rows per Arrow batch read from Parquet: bounds memory whatever the file's row groups.
+BATCH_ROWS = 1024
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -54,9 +58,18 @@ def iter_strings(value) -> Iterator[str]:
             yield from iter_strings(item)
 
 
-def read_jsonl(path: Path) -> tuple[Rows, list[Problem]]:
+def _collect(items: Iterator[Item]) -> tuple[Rows, list[Problem]]:
     rows: Rows = []
     problems: list[Problem] = []
+    for place, row, problem in items:
+        if problem is None:
+            rows.append((place, row))
+        else:
+            problems.append((place, None, problem))
+    return rows, problems
+
+
+def iter_jsonl(path: Path) -> Iterator[Item]:
     # Binary lines: text mode would also split on \r and U+2028, which are legal inside JSON strings.
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
@@ -64,33 +77,36 @@ def read_jsonl(path: Path) -> tuple[Rows, list[Problem]]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                problems.append((place, None, f"not UTF-8 text (byte {exc.start + 1} of the line)"))
+                yield place, None, f"not UTF-8 text (byte {exc.start + 1} of the line)"
                 continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append((place, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+                yield place, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
                 continue
             except RecursionError:
-                problems.append((place, None, TOO_DEEP))
+                yield place, None, TOO_DEEP
                 continue
             surrogate = _lone_surrogate(row)
             if surrogate:
-                problems.append((place, None, surrogate))
-                continue
-            if not isinstance(row, dict):
-                problems.append((place, None, f"expected one JSON object per line, got {_json_type(row)}"))
-                continue
-            rows.append((place, row))
-    return rows, problems
+                yield place, None, surrogate
+            elif not isinstance(row, dict):
+                yield place, None, f"expected one JSON object per line, got {_json_type(row)}"
+            else:
+                yield place, row, None
 
 
-def read_json(path: Path) -> tuple[Rows, list[Problem]]:
+def read_jsonl(path: Path) -> tuple[Rows, list[Problem]]:
+    return _collect(iter_jsonl(path))
+
+
+def iter_json(path: Path) -> Iterator[Item]:
+    """One JSON document is parsed whole (the standard library has no streaming parser); .jsonl streams."""
     text = _read_text(path)
     if not text.strip():
-        return [], []
+        return
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -107,17 +123,19 @@ def read_json(path: Path) -> tuple[Rows, list[Problem]]:
     except (ValueError, IndexError):
         # Locating records is a convenience for messages; never fail a valid file over it.
         lines = [f"record {n}" for n in range(1, len(records) + 1)]
-    rows: Rows = []
-    problems: list[Problem] = []
+    del text
     for place, record in zip(lines, records):
         surrogate = _lone_surrogate(record)
         if surrogate:
-            problems.append((place, None, surrogate))
+            yield place, None, surrogate
         elif isinstance(record, dict):
-            rows.append((place, record))
+            yield place, record, None
         else:
-            problems.append((place, None, f"expected each record to be a JSON object, got {_json_type(record)}"))
-    return rows, problems
+            yield place, None, f"expected each record to be a JSON object, got {_json_type(record)}"
+
+
+def read_json(path: Path) -> tuple[Rows, list[Problem]]:
+    return _collect(iter_json(path))
 
 
 def _records_of(path: Path, document) -> tuple[list, str | None]:
@@ -164,15 +182,13 @@ def _record_starts(text: str, key: str | None) -> list[int]:
     return starts
 
 
-def read_csv(path: Path) -> tuple[Rows, list[Problem]]:
-    rows: Rows = []
-    problems: list[Problem] = []
+def iter_csv(path: Path) -> Iterator[Item]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None)
             if header is None:
-                return [], []
+                return
             header = [name.strip() for name in header]
             _check_header(path, header)
             previous = reader.line_num
@@ -182,16 +198,19 @@ def read_csv(path: Path) -> tuple[Rows, list[Problem]]:
                 if not cells:
                     continue
                 if len(cells) > len(header):
-                    problems.append((place, None, f"{len(cells)} fields, but the header (line 1) names "
-                                                  f"{len(header)}; is a field with a comma left unquoted?"))
+                    yield place, None, (f"{len(cells)} fields, but the header (line 1) names "
+                                        f"{len(header)}; is a field with a comma left unquoted?")
                     continue
-                rows.append((place, dict(zip(header, cells))))
+                yield place, dict(zip(header, cells)), None
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({exc.reason})",
                             hint="Save the file as UTF-8.")
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: unreadable CSV: {exc}")
-    return rows, problems
+
+
+def read_csv(path: Path) -> tuple[Rows, list[Problem]]:
+    return _collect(iter_csv(path))
 
 
 def _check_header(path: Path, header: list[str]) -> None:
@@ -205,18 +224,25 @@ def _check_header(path: Path, header: list[str]) -> None:
         seen.add(name)
 
 
-def read_parquet(path: Path) -> tuple[Rows, list[Problem]]:
+def iter_parquet(path: Path) -> Iterator[Item]:
     import pyarrow
     import pyarrow.parquet as pq
 
+    number = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"row {number}", row, None
     except (pyarrow.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file: {exc}")
-    return [(f"row {n}", row) for n, row in enumerate(table.to_pylist(), 1)], []
 
 
-def read_saved_dataset(path: Path, split: str | None = None) -> tuple[Rows, list[Problem]]:
+def read_parquet(path: Path) -> tuple[Rows, list[Problem]]:
+    return _collect(iter_parquet(path))
+
+
+def iter_saved_dataset(path: Path, split: str | None = None) -> Iterator[Item]:
     """A `datasets` save_to_disk folder (Dataset or DatasetDict) or one .arrow file; Arrow is memory-mapped."""
     import datasets
 
@@ -230,10 +256,18 @@ def read_saved_dataset(path: Path, split: str | None = None) -> tuple[Rows, list
                             + (f"there is no split '{split}'" if split else "say which one to read"),
                             hint="Give `split: train` in the recipe's data file entry, or --split on the command line.")
         data = data[split]
-    return [(f"row {n}", row) for n, row in enumerate(data, 1)], []
+    for n, row in enumerate(data, 1):
+        yield f"row {n}", row, None
+
+
+def read_saved_dataset(path: Path, split: str | None = None) -> tuple[Rows, list[Problem]]:
+    return _collect(iter_saved_dataset(path, split))
 
 
 READERS = {".arrow": read_saved_dataset, ".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+# The same, row by row, so validation and loading hold one row (or one Parquet batch) at a time.
+STREAMS = {".arrow": iter_saved_dataset, ".jsonl": iter_jsonl, ".json": iter_json, ".csv": iter_csv,
+           ".parquet": iter_parquet}
 
 
 def _read_text(path: Path) -> str:
