@@ -438,3 +438,21 @@ def test_lone_surrogate_and_megabyte_text_through_mistral_common(mistral_tokeniz
     big = [{"role": "user", "content": "word " * 200_000}, {"role": "assistant", "content": "ok"}]
     with pytest.raises(DataError, match="no training rows"):  # truncated to the prompt: nothing left to learn
         tokenize_records([{"messages": big}], SimpleNamespace(msov_mistral=mistral), max_seq_len=64)
+
+
+def test_generate_reply_feeds_the_model_mistral_commons_prompt(v03_folder, mistral_tokenizers):
+    import torch
+    from transformers import MistralForCausalLM
+
+    from mistral_sov.evaluate import generate_reply
+    from mistral_sov.mistral_native import encode_prompt
+    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+
+    tokenizer = load_tokenizer(inspect_model_folder(str(v03_folder)))
+    model = MistralForCausalLM.from_pretrained(v03_folder)
+    seen = []
+    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Printer jammed."}]
+    generate_reply(model, tokenizer, prompt, max_new_tokens=1)
+    assert seen[0][0].tolist() == encode_prompt(tokenizer.msov_mistral, prompt)
+    assert torch.is_tensor(seen[0])
