@@ -7,6 +7,7 @@ looser kind (a card number is not also reported as a phone number).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import os
@@ -43,7 +44,10 @@ def _iban(candidate: str) -> bool:
 
 
 def _ipv4(candidate: str) -> bool:
-    return not ipaddress.ip_address(candidate).is_loopback
+    try:
+        return not ipaddress.IPv4Address(candidate).is_loopback
+    except ValueError:
+        return False
 
 
 def _ipv6(candidate: str) -> bool:
@@ -61,20 +65,23 @@ def _phone(candidate: str) -> bool:
 
 # (kind, pattern, validator or None), in matching order: specific before loose.
 PATTERNS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
-    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"), None),
+    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,8}PRIVATE KEY-----"), None),
     ("api_key", re.compile(
         r"\b(?:AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}|hf_[A-Za-z0-9]{30,}"
-        r"|sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"),
+        r"|sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"),
      None),
-    ("email", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), None),
+    # Every quantifier is bounded (RFC 5321: local part <= 64, labels <= 63) and a match may only start where a run
+    # starts, so a long run with no match is walked once rather than once per start position (that was quadratic).
+    ("email", re.compile(
+        r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,63}"),
+     None),
     ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), _iban),
     ("credit_card", re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"), _luhn),
     ("national_id", re.compile(
         r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"  # US SSN
         r"|\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"),  # UK National Insurance
      None),
-    ("ip_address", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])"),
-     _ipv4),
+    ("ip_address", re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])"), _ipv4),  # octet ranges: ipaddress
     ("ip_address", re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ipv6),
     ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){2,4}(?!\w)"),
      _phone),
@@ -113,21 +120,29 @@ def mask(text: str) -> str:
 
 def find_spans(text: str) -> list[tuple[int, int, str]]:
     """(start, end, kind) of every finding in `text`, without overlaps."""
+    # `spans` stays sorted and disjoint, so the one earlier span a candidate could overlap is found by bisection, and
+    # each kind's (ordered) finds are merged in once: linear in the number of findings, not quadratic.
     spans: list[tuple[int, int, str]] = []
     for kind, pattern, valid in PATTERNS:
+        added = []
         for match in pattern.finditer(text):
             start, end = match.span()
-            if any(s < end and start < e for s, e, _ in spans):
+            i = bisect.bisect_left(spans, (end,))
+            if i and spans[i - 1][1] > start:
                 continue
             if valid is None or valid(match.group()):
-                spans.append((start, end, kind))
-    return sorted(spans)
+                added.append((start, end, kind))
+        if added:
+            spans = sorted(spans + added)
+    return spans
 
 
 def redact(text: str) -> str:
-    for start, end, kind in reversed(find_spans(text)):
-        text = f"{text[:start]}[REDACTED:{kind.upper()}]{text[end:]}"
-    return text
+    pieces, last = [], 0
+    for start, end, kind in find_spans(text):
+        pieces += [text[last:start], f"[REDACTED:{kind.upper()}]"]
+        last = end
+    return "".join(pieces) + text[last:]
 
 
 def _map_strings(value, func):

@@ -1,0 +1,44 @@
+"""Seconds `find_spans` (what `msov data scan` and finetune's scan run on every string) takes on one long string,
+and how far each size is from linear (seconds per char relative to the smallest size; ~1.0 means linear).
+
+    python bench/scan_bench.py                  # 10k, 100k, 1M, 10M chars
+    python bench/scan_bench.py --sizes 10000 1000000
+
+The strings are the shapes that made the old patterns rescan from every start position: one long word-character run
+with no match, and prose with a finding every ~60 chars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from mistral_sov.data.scan import find_spans
+
+SHAPES = {
+    "run of letters": "a",
+    "run of digits": "1",
+    "dotted run": "a.",
+    "prose with findings": "mail bob.smith@corp.example.com from 10.2.3.4, ok ",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
+    args = parser.parse_args()
+    print(f"{'shape':<22}{'chars':>12}{'seconds':>10}{'findings':>10}{'vs linear':>11}")
+    for name, unit in SHAPES.items():
+        base = None
+        for size in args.sizes:
+            text = (unit * (size // len(unit) + 1))[:size]
+            start = time.perf_counter()
+            found = len(find_spans(text))
+            seconds = time.perf_counter() - start
+            per_char = seconds / size
+            base = base or per_char
+            print(f"{name:<22}{size:>12,}{seconds:>10.3f}{found:>10,}{per_char / base:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
