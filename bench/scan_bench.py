@@ -5,13 +5,17 @@ and how far each size is from linear (seconds per char relative to the smallest 
     python bench/scan_bench.py --sizes 10000 1000000
 
 The strings are the shapes that made the old patterns rescan from every start position: one long word-character run
-with no match, and prose with a finding every ~60 chars.
+with no match, and prose with a finding every ~60 chars. Then per-kind recall and false positives on the labelled
+corpus tests/scan_corpus/corpus.jsonl (synthetic rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections import Counter
+from pathlib import Path
 
 from mistral_sov.data.scan import find_spans
 
@@ -27,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
     args = parser.parse_args()
+    find_spans("warm-up: lazy imports of +14155552671 and GB82 WEST 1234 5698 7654 32")
     print(f"{'shape':<22}{'chars':>12}{'seconds':>10}{'findings':>10}{'vs linear':>11}")
     for name, unit in SHAPES.items():
         base = None
@@ -38,6 +43,18 @@ def main() -> None:
             per_char = seconds / size
             base = base or per_char
             print(f"{name:<22}{size:>12,}{seconds:>10.3f}{found:>10,}{per_char / base:>11.2f}")
+    corpus = Path(__file__).resolve().parent.parent / "tests" / "scan_corpus" / "corpus.jsonl"
+    expected, hits, false = Counter(), Counter(), Counter()
+    for line in corpus.read_text().splitlines():
+        row = json.loads(line)
+        found = Counter(kind for _, _, kind in find_spans(row["text"]))
+        want = Counter(row["kinds"])
+        expected += want
+        hits += found & want
+        false += found - want
+    print(f"\n{'kind':<14}{'recall':>10}{'false pos':>11}")
+    for kind in sorted(expected | false):
+        print(f"{kind:<14}{hits[kind]:>5}/{expected[kind]:<4}{false[kind]:>11}")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,14 @@ def test_one_megabyte_string_scans_in_linear_time(tmp_path):
     report = scan_files([write(tmp_path, [row])])
     assert time.perf_counter() - start < 20
     assert report.counts == {"email": 100}
+
+
+def test_labelled_corpus_found_and_no_false_positives():
+    # Before: none of the phones, IPv6, PGP, ASIA/AWS secret/github_pat/sk_live/short-JWT or lowercase IBAN rows were
+    # found, and `15.01.2024 10` and `8080 8081 8082` were reported as phones.
+    from pathlib import Path
+
+    corpus = Path(__file__).parent / "scan_corpus" / "corpus.jsonl"
+    for line in corpus.read_text().splitlines():
+        row = json.loads(line)
+        assert [kind for _, _, kind in find_spans(row["text"])] == row["kinds"], row["text"]

@@ -36,11 +36,9 @@ def _luhn(candidate: str) -> bool:
 
 
 def _iban(candidate: str) -> bool:
-    text = candidate.replace(" ", "")
-    if not 15 <= len(text) <= 34:
-        return False
-    rotated = text[4:] + text[:4]
-    return int("".join(str(int(c, 36)) for c in rotated)) % 97 == 1
+    from stdnum import iban  # country lengths and formats as well as mod-97
+
+    return iban.is_valid(candidate)
 
 
 def _ipv4(candidate: str) -> bool:
@@ -52,39 +50,58 @@ def _ipv4(candidate: str) -> bool:
 
 def _ipv6(candidate: str) -> bool:
     try:
-        return not ipaddress.IPv6Address(candidate).is_loopback
+        address = ipaddress.IPv6Address(candidate)
     except ValueError:
         return False
+    return not (address.is_loopback or address.is_unspecified)
 
 
-def _phone(candidate: str) -> bool:
-    digits = sum(c.isdigit() for c in candidate)
-    looks_like_date = re.fullmatch(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}", candidate.strip())
-    return 9 <= digits <= 15 and not looks_like_date
+# Regions whose national formats (no +country prefix) are recognised; international numbers are found whatever these.
+PHONE_REGIONS = ("US", "GB", "DE", "FR")
+# phonenumbers' matcher is slow per character (1 MB of prose: ~16 s), so it only sees short digit-bearing windows
+# that are a whole run of digits and separators; a longer run (a table of numbers) is no phone number and costs nothing.
+_PHONE_WINDOW = re.compile(
+    r"(?<![\w+])(?<!\d[.\-/ \t])\+?\(?\d[\d \t().\-/]{5,24}\d(?!\w)(?![.\-/ \t]\d)")
 
 
-# (kind, pattern, validator or None), in matching order: specific before loose.
-PATTERNS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
-    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,8}PRIVATE KEY-----"), None),
+def _phones(text: str) -> Iterable[tuple[int, int]]:
+    import phonenumbers
+
+    for window in _PHONE_WINDOW.finditer(text):
+        if sum(c.isdigit() for c in window.group()) < 7:
+            continue
+        for region in PHONE_REGIONS:
+            found = [(window.start() + m.start, window.start() + m.end)
+                     for m in phonenumbers.PhoneNumberMatcher(window.group(), region)]
+            if found:
+                yield from found
+                break
+
+
+# (kind, pattern or finder of (start, end) spans in order, validator or None), in matching order: specific before loose.
+PATTERNS: list[tuple[str, re.Pattern | Callable[[str], Iterable[tuple[int, int]]], Callable[[str], bool] | None]] = [
+    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,8}PRIVATE KEY(?: BLOCK)?-----"), None),
     ("api_key", re.compile(
-        r"\b(?:AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}|hf_[A-Za-z0-9]{30,}"
-        r"|sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"),
+        r"\b(?:(?:AKIA|ASIA)[0-9A-Z]{16}|github_pat_[A-Za-z0-9_]{22,255}|[sr]k_live_[A-Za-z0-9]{24,99}|gh[pousr]_[A-Za-z0-9]{36,}|xox[abprs]-[A-Za-z0-9-]{10,}|hf_[A-Za-z0-9]{30,}"
+        r"|sk-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}\.(?:eyJ[A-Za-z0-9_-]*|[A-Za-z0-9_-]{10,})\.[A-Za-z0-9_-]*)"),
+     None),
+    # An AWS secret key is 40 base64 characters, only told apart from other text by the name it is assigned to.
+    ("api_key", re.compile(r"(?i:aws).{0,20}?(?i:secret|key).{0,20}?[=:]\s{0,4}[\"']?(?P<secret>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])"),
      None),
     # Every quantifier is bounded (RFC 5321: local part <= 64, labels <= 63) and a match may only start where a run
     # starts, so a long run with no match is walked once rather than once per start position (that was quadratic).
     ("email", re.compile(
         r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,63}"),
      None),
-    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), _iban),
+    ("iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", re.IGNORECASE), _iban),
     ("credit_card", re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"), _luhn),
     ("national_id", re.compile(
         r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"  # US SSN
         r"|\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"),  # UK National Insurance
      None),
     ("ip_address", re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])"), _ipv4),  # octet ranges: ipaddress
-    ("ip_address", re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"), _ipv6),
-    ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){2,4}(?!\w)"),
-     _phone),
+    ("ip_address", re.compile(r"(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])"), _ipv6),
+    ("phone", _phones, None),
 ]
 KINDS = sorted({kind for kind, _, _ in PATTERNS})
 
@@ -118,6 +135,14 @@ def mask(text: str) -> str:
     return f"{text[:2]}{'*' * (len(text) - 4)}{text[-2:]}"
 
 
+def _spans(pattern, text: str) -> Iterable[tuple[int, int]]:
+    if callable(pattern):
+        yield from pattern(text)
+        return
+    for match in pattern.finditer(text):
+        yield match.span("secret" if "secret" in pattern.groupindex else 0)
+
+
 def find_spans(text: str) -> list[tuple[int, int, str]]:
     """(start, end, kind) of every finding in `text`, without overlaps."""
     # `spans` stays sorted and disjoint, so the one earlier span a candidate could overlap is found by bisection, and
@@ -125,12 +150,11 @@ def find_spans(text: str) -> list[tuple[int, int, str]]:
     spans: list[tuple[int, int, str]] = []
     for kind, pattern, valid in PATTERNS:
         added = []
-        for match in pattern.finditer(text):
-            start, end = match.span()
+        for start, end in _spans(pattern, text):
             i = bisect.bisect_left(spans, (end,))
             if i and spans[i - 1][1] > start:
                 continue
-            if valid is None or valid(match.group()):
+            if valid is None or valid(text[start:end]):
                 added.append((start, end, kind))
         if added:
             spans = sorted(spans + added)
