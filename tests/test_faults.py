@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import small_recipe
+from conftest import SAMPLES, small_recipe
 from mistral_sov.errors import Interrupted
 from mistral_sov.finetune import finetune
 from mistral_sov.manifest import sha256_file
@@ -90,6 +90,7 @@ def test_unwritable_output_is_a_clear_error(cli, write_recipe, tiny_model, tmp_p
 # the adapter/publish writes), so kills land in every phase, not only between steps.
 KILL_STEPS = dict(max_steps=6, save_steps=2, logging_steps=1)
 KILLS, CHAINS, SEED = 20, 4, 12
+ANCHORS = ["save", "start", "export", "save", "start"]  # per chain: the phase is fixed, the instant in it random
 
 
 def _child(request: dict, report: int) -> int:
@@ -209,9 +210,14 @@ def test_sigkill_at_20_random_instants_then_resume_gives_the_uninterrupted_adapt
     def adapter_digest(run: Path) -> str:
         return sha256_file(run / "adapter" / "adapter_model.safetensors")
 
+    rows = tmp_path / "train.jsonl"  # what 6 steps of 8 read: less to scan and tokenise in every attempt
+    rows.write_text("".join((SAMPLES / "helpdesk_chat.jsonl").read_text().splitlines(keepends=True)[:48]))
+
     def recipe(name: str) -> Path:
+        data = small_recipe(tiny_model, tmp_path / name, **KILL_STEPS)
+        data["data"] = {"train": [{"path": str(rows), "format": "chat"}], "eval": []}
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(small_recipe(tiny_model, tmp_path / name, **KILL_STEPS)))
+        path.write_text(yaml.safe_dump(data))
         return path
 
     straight = attempt(recipe=str(recipe("straight")), resume=False, overwrite=False)
@@ -232,7 +238,7 @@ def test_sigkill_at_20_random_instants_then_resume_gives_the_uninterrupted_adapt
             if kills < KILLS // CHAINS:
                 done = resume_point(work / "checkpoints") if resume else None
                 saves_left = (KILL_STEPS["max_steps"] - (checkpoint_step(done) if done else 0)) // KILL_STEPS["save_steps"]
-                anchor = rng.choices(["start", "save", "export"], weights=[2, 2 if saves_left else 0, 1])[0]
+                anchor = ANCHORS[kills] if saves_left or ANCHORS[kills] != "save" else "export"
                 window = {"start": total, "save": save_window, "export": export_window}[anchor]
                 plan = {"anchor": anchor, "nth": rng.randint(1, max(saves_left, 1)), "delay": rng.uniform(0, window)}
             answer = attempt(recipe=str(path), resume=resume, overwrite=out.exists() and not resume, **plan)
