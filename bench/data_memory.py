@@ -4,6 +4,10 @@
 
 The files go to /tmp (never the repo). Each command runs in its own process; its peak RSS is the child's
 ru_maxrss, as the kernel counts it. Streaming reads aim for the larger file within ~1.5x of the smaller.
+
+Measured on 2 shared cores (30 MB = 98k rows, 300 MB = 975k rows), peak RSS:
+    data validate        before streaming 280 MB / 2,480 MB; row by row: 34 MB / 34 MB (4 s / 36 s)
+    finetune --dry-run   30 MB: 1,373 MB before, 1,344 MB after (records and token lists are still Python lists)
 """
 
 from __future__ import annotations
