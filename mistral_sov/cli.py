@@ -310,7 +310,7 @@ def data_scan(
     as_json: bool = JsonOpt,
 ) -> None:
     """Find likely personal data and secrets (e-mail, phone, IBAN, card, IP, API keys, private keys, IDs)."""
-    from .data.scan import KINDS, redact_file, scan_files
+    from .data.scan import KINDS, redact_files, scan_files
     from .errors import DataError, UsageError
 
     wanted = set()
@@ -323,14 +323,7 @@ def data_scan(
     if redact_to is None:
         report = scan_files(files)
     else:
-        targets = [redact_to] if len(files) == 1 and redact_to.suffix else [redact_to / f.name for f in files]
-        reports = [redact_file(f, t) for f, t in zip(files, targets)]
-        report = reports[0]
-        for extra in reports[1:]:
-            report.files += extra.files
-            report.rows += extra.rows
-            report.counts.update(extra.counts)
-            report.examples += extra.examples
+        report = redact_files(files, redact_to)
     failing = sorted(k for k in wanted if report.counts.get(k))
     if as_json:
         print(json.dumps({**report.summary(), "examples": [vars(f) for f in report.examples],

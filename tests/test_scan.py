@@ -79,3 +79,23 @@ def test_labelled_corpus_found_and_no_false_positives():
     for line in corpus.read_text().splitlines():
         row = json.loads(line)
         assert [kind for _, _, kind in find_spans(row["text"])] == row["kinds"], row["text"]
+
+
+def test_redact_csv_with_bom_and_spaced_header(cli, tmp_path):
+    # Before: the header was re-read with its BOM and spaces, so the rows' keys did not match it (exit 1).
+    path = tmp_path / "d.csv"
+    path.write_text("\ufeffinstruction , output\nmail bob@corp.example.com,ok\n", encoding="utf-8")
+    out = tmp_path / "clean.csv"
+    result = cli("data", "scan", path, "--redact", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_text(encoding="utf-8").splitlines() == ["instruction,output", "mail [REDACTED:EMAIL],ok"]
+
+
+def test_redact_two_inputs_with_one_name_refused(cli, tmp_path):
+    # Before: both were redacted to OUT/d.jsonl, the second overwriting the first.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = write(tmp_path / "a"), write(tmp_path / "b")
+    result = cli("data", "scan", first, second, "--redact", tmp_path / "out")
+    assert result.exit_code == 3 and str(first) in result.stderr and str(second) in result.stderr
+    assert not (tmp_path / "out").exists()

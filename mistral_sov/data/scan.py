@@ -230,6 +230,29 @@ def redact_file(path: str | Path, out: str | Path) -> ScanReport:
     return report
 
 
+def redact_files(paths: list[Path], out: Path) -> ScanReport:
+    """Redact each input to `out` (a file for one input with a suffix, else a folder of same-named copies)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and out.suffix:
+        targets = [out]
+    else:
+        seen: dict[str, Path] = {}
+        for path in paths:
+            if path.name in seen:
+                raise DataError(f"--redact: '{seen[path.name]}' and '{path}' would both be written to "
+                                 f"'{out / path.name}'; redact them in separate runs.")
+            seen[path.name] = path
+        targets = [out / path.name for path in paths]
+    report = ScanReport()
+    for path, target in zip(paths, targets):
+        one = redact_file(path, target)
+        report.files += one.files
+        report.rows += one.rows
+        report.counts.update(one.counts)
+        report.examples += one.examples
+    return report
+
+
 def _write_like(suffix: str, rows: list, target: Path, *, source: Path) -> None:
     if suffix == ".jsonl":
         target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -238,8 +261,9 @@ def _write_like(suffix: str, rows: list, target: Path, *, source: Path) -> None:
     elif suffix == ".csv":
         import csv
 
-        with open(source, newline="", encoding="utf-8") as handle:
-            header = next(csv.reader(handle))
+        # Read the header as the reader did (BOM dropped, names stripped), or the rows' keys would not match it.
+        with open(source, newline="", encoding="utf-8-sig") as handle:
+            header = [name.strip() for name in next(csv.reader(handle))]
         with open(target, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=header)
             writer.writeheader()
