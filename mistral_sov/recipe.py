@@ -181,8 +181,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
 
     data = recipe.model_dump()
     model_path = data["model"]["path"]
-    # A hub id ('org/name') stays as written so the offline check can name it; a real relative folder resolves.
-    if (base / model_path).exists() or model_path.startswith((".", "/", "~")):
+    # A hub id ('org/name', no folder 'org' here) stays as written so the offline check can name it (exit 5);
+    # any other relative path resolves, so a missing folder is reported as one (exit 3).
+    if (base / model_path).parent.exists() or model_path.startswith((".", "/", "~")):
         data["model"]["path"] = resolve(model_path)
     for split in ("train", "eval"):
         for item in data["data"][split]:
@@ -201,7 +202,11 @@ def _apply_override(raw: dict, item: str) -> None:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
     parts = key.strip().split(".")
     target = raw
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
+        # An optional section left out or set to null is switched on, with its defaults, by setting a field in
+        # it (as axolotl-style overrides do); validation then names any unknown field and the allowed ones.
+        if target.get(part) is None and _fields_at(tuple(parts[:depth + 1])):
+            target[part] = {}
         if not isinstance(target.get(part, {}), dict):
             raise RecipeError(f"--set {key}: '{part}' is not a section")
         target = target.setdefault(part, {})

@@ -68,6 +68,26 @@ def test_overrides_apply_and_are_validated(tmp_path):
         load_recipe(path, ["train.lr"])
 
 
+@pytest.mark.parametrize("quantization", ["", "quantization: null\n"], ids=["absent", "null"])
+def test_set_switches_an_optional_section_on(tmp_path, quantization):
+    # Before: "--set quantization.bits: 'quantization' is not a section" when the recipe said `quantization: null`.
+    path = write(tmp_path, GOOD + quantization)
+    assert load_recipe(path).quantization is None
+    recipe = load_recipe(path, ["quantization.bits=8"])
+    assert recipe.quantization.bits == 8 and recipe.quantization.quant_type == "nf4"  # the rest: defaults
+    assert recipe.quantization.double_quant is True and recipe.quantization.compute_dtype == "bfloat16"
+    assert load_recipe(path, ["quantization.bits=4"]).quantization.bits == 4
+    with pytest.raises(RecipeError, match=r"quantization.bitz: unknown key; did you mean 'bits'"):
+        load_recipe(path, ["quantization.bitz=4"])
+    with pytest.raises(RecipeError, match=r"quantization.colour: unknown key; valid keys: bits, quant_type, "
+                                          r"double_quant, compute_dtype"):
+        load_recipe(path, ["quantization.colour=4"])
+    with pytest.raises(RecipeError, match=r"quantization.bits: Input should be 4 or 8"):
+        load_recipe(path, ["quantization.bits=3"])
+    with pytest.raises(RecipeError, match="train.max_steps: Input should be a valid integer"):
+        load_recipe(path, ["train.max_steps.x=1"])  # a scalar field is not a section to switch on
+
+
 def test_relative_paths_resolve_from_recipe_folder(tmp_path):
     recipe = load_recipe(write(tmp_path, GOOD))
     assert recipe.data.train[0].path == str(tmp_path / "a.jsonl")
