@@ -179,12 +179,12 @@ def serve() -> None:
 
 @pytest.fixture(scope="module")
 def attempt(tmp_path_factory):
-    """Run one attempt in a fork of the server: attempt(recipe=..., resume=..., overwrite=..., anchor=..., delay=...)."""
+    """One attempt in a fork of the server: attempt(recipe=..., resume=..., overwrite=..., anchor=..., delay=...)."""
     log = tmp_path_factory.mktemp("server") / "stderr.txt"
     tests = str(Path(__file__).resolve().parent)
     with open(log, "w") as stderr:
         server = subprocess.Popen(
-            [sys.executable, "-c", f"import sys; sys.path.insert(0, {tests!r}); import test_faults; test_faults.serve()"],
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {tests!r}); import test_faults as t; t.serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
@@ -237,7 +237,8 @@ def test_sigkill_at_20_random_instants_then_resume_gives_the_uninterrupted_adapt
             plan = {}
             if kills < KILLS // CHAINS:
                 done = resume_point(work / "checkpoints") if resume else None
-                saves_left = (KILL_STEPS["max_steps"] - (checkpoint_step(done) if done else 0)) // KILL_STEPS["save_steps"]
+                steps_left = KILL_STEPS["max_steps"] - (checkpoint_step(done) if done else 0)
+                saves_left = steps_left // KILL_STEPS["save_steps"]
                 anchor = ANCHORS[kills] if saves_left or ANCHORS[kills] != "save" else "export"
                 window = {"start": total, "save": save_window, "export": export_window}[anchor]
                 plan = {"anchor": anchor, "nth": rng.randint(1, max(saves_left, 1)), "delay": rng.uniform(0, window)}
