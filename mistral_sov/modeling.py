@@ -13,6 +13,13 @@ from .recipe import LoraSection, ModelSection, QuantizationSection
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
+# Upper bounds for the sizes config.json sets, far above any published model (hidden 16k, vocab 256k, 126 layers,
+# 256 experts, 10M context) and far below what makes even a meta-device build (Python objects per layer) or the
+# plan's arithmetic absurd. Fields absent from a config are not checked; transformers applies its defaults.
+_SIZE_LIMITS = {"hidden_size": 2**20, "intermediate_size": 2**22, "moe_intermediate_size": 2**22,
+                "vocab_size": 2**24, "max_position_embeddings": 2**30, "num_hidden_layers": 1024,
+                "num_attention_heads": 2**14, "num_key_value_heads": 2**14, "head_dim": 2**14,
+                "num_local_experts": 1024, "num_experts": 1024, "num_experts_per_tok": 1024}
 
 
 @dataclass
@@ -40,10 +47,7 @@ def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: 
                                    hint=f"Convert it once, streamed: `msov convert {path} --out FOLDER`, then "
                                         "point model.path at FOLDER.")
         raise ModelFolderError(f"{path}: no config.json; expected a Hugging Face model folder.")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{config_file}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    config = read_config(config_file)
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelFolderError(
             f"{path}: no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)}).",
@@ -61,7 +65,65 @@ def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: 
             )
         if not pickled and need_weights:
             raise ModelFolderError(f"{path}: no weight files (*.safetensors) found.")
+    _check_safetensors_headers(safe)
     return ModelFolder(path=path, config=config, weight_files=safe or pickled, pickle_files=pickled)
+
+
+def read_config(config_file: Path) -> dict:
+    """config.json parsed and its architecture and sizes checked, before transformers builds anything from it."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{config_file}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"{config_file}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{config_file}: expected a JSON object, got {type(config).__name__}.")
+    model_type = config.get("model_type")
+    if "auto_map" not in config:  # remote-code models name their own classes; transformers checks those
+        from transformers import __version__
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise ModelFolderError(
+                f"{config_file}: model_type: {model_type!r} is not an architecture transformers {__version__} "
+                "knows.", hint="Check the field against the model's release, or upgrade transformers if the "
+                "architecture is newer than it.")
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            _check_sizes(section, config_file)
+    return config
+
+
+def _check_sizes(config: dict, config_file: Path) -> None:
+    for field, limit in _SIZE_LIMITS.items():
+        value = config.get(field)
+        if value is None and field in ("num_key_value_heads", "head_dim", "moe_intermediate_size"):
+            continue  # null means "derive it", as transformers does
+        if field in config and not (type(value) is int and 1 <= value <= limit):
+            raise ModelFolderError(f"{config_file}: {field}: expected a whole number from 1 to {limit}, got "
+                                   f"{value!r}.")
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ModelFolderError(f"{config_file}: num_key_value_heads: {kv} does not divide num_attention_heads "
+                               f"{heads}.")
+    if heads and not config.get("head_dim") and config.get("hidden_size", heads) % heads:
+        raise ModelFolderError(f"{config_file}: hidden_size: {config['hidden_size']} is not a multiple of "
+                               f"num_attention_heads {heads} (and no head_dim is set).")
+
+
+def _check_safetensors_headers(files: list[Path]) -> None:
+    """safetensors checks each header (size, JSON, offsets covering the file) when it opens it, mmap only."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelFolderError(f"{file}: not a readable safetensors file: {exc}",
+                                   hint="The file is damaged or truncated; copy it again from the model's "
+                                   "release and compare its sha256.") from None
 
 
 def load_tokenizer(folder: ModelFolder, *, chat_template: str | None = None, trust_remote_code: bool = False,

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import EnvironmentRefused
+from .errors import EnvironmentRefused, ModelFolderError
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -32,13 +32,16 @@ def enforce_offline_env() -> None:
 
 
 def require_local_model(ref: str | os.PathLike, *, field: str = "model.path") -> Path:
-    """A model reference must be an existing local folder. A hub id is refused before any network-capable code."""
+    """A model reference must be an existing local folder. A hub id is refused before any network-capable code.
+
+    Hub id (exit 5): a URL, or 'org/name' written without ./ ../ / ~ whose 'org' is no folder here. Anything else
+    is a local path, so a missing folder or a file is the user's input to fix (exit 3)."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
     text = str(ref)
     looks_remote = "://" in text or (
-        not text.startswith((".", "/", "~")) and text.count("/") == 1 and not path.exists()
+        not text.startswith((".", "/", "~")) and text.count("/") == 1 and not path.parent.exists()
     )
     if looks_remote:
         raise EnvironmentRefused(
@@ -47,8 +50,8 @@ def require_local_model(ref: str | os.PathLike, *, field: str = "model.path") ->
             "model.path at that folder.",
         )
     if path.exists():
-        raise EnvironmentRefused(f"{field}: '{text}' is a file, expected a model folder.")
-    raise EnvironmentRefused(
+        raise ModelFolderError(f"{field}: '{text}' is a file, expected a model folder.")
+    raise ModelFolderError(
         f"{field}: model folder '{text}' does not exist.",
         hint="msov only loads models from local folders; check the path (relative paths are resolved from the "
         "recipe's folder).",

@@ -81,19 +81,26 @@ def read_shapes(recipe: Recipe) -> Shapes:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import attach_lora
+    from .modeling import attach_lora, read_config
     from .offline import require_local_model
 
     folder = require_local_model(recipe.model.path)
     if not (folder / "config.json").is_file():
         raise ModelFolderError(f"{folder}: no config.json; the plan reads the model's shapes from it.")
-    config = AutoConfig.from_pretrained(folder, local_files_only=True,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+    read_config(folder / "config.json")
+    remote = recipe.model.trust_remote_code
+    # Everything, LoRA's new layers included, is built on the meta device: shapes only, so a config with absurd
+    # sizes costs nothing (tests/test_bad_inputs.py runs this under a 4 GiB address-space limit).
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    quantizable = _quantizable_linears(model)
-    total = sum(p.numel() for p in model.parameters())
-    peft_model = attach_lora(model, recipe.lora)  # wraps `model` in place, so count totals first
+        try:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=remote)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ModelFolderError(f"{folder / 'config.json'}: transformers cannot build the model from it: "
+                                   f"{type(exc).__name__}: {exc}") from None
+        quantizable = _quantizable_linears(model)
+        total = sum(p.numel() for p in model.parameters())
+        peft_model = attach_lora(model, recipe.lora)  # wraps `model` in place, so count totals first
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads

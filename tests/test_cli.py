@@ -33,11 +33,12 @@ def test_hub_id_is_refused_with_exit_5_before_any_network(cli, write_recipe, tmp
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_missing_local_folder_is_exit_5(cli, write_recipe, tmp_path):
+def test_missing_local_folder_is_exit_3(cli, write_recipe, tmp_path):
+    # A local path the user mistyped is bad input (3); only a hub id is an environment refusal (5).
     recipe = small_recipe(tmp_path / "no-such-model", tmp_path / "out")
     result = cli("finetune", write_recipe(recipe), "--json")
-    assert result.exit_code == 5
-    assert json.loads(result.stdout)["exit_code"] == 5
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["exit_code"] == 3
     assert "does not exist" in json.loads(result.stdout)["error"]
 
 
