@@ -16,7 +16,7 @@ TargetArg = typer.Argument(..., help="a finished run folder, an adapter folder, 
 @command(name="eval")
 def evaluate(
     target: Path = TargetArg,
-    data: Path = typer.Option(..., "--data", help="held-out data file"),
+    data: Optional[Path] = typer.Option(None, "--data", help="held-out data file (default: the run's data.eval files)"),
     fmt: str = typer.Option("auto", "--format", help="auto | chat | instruction | completion"),
     max_seq_len: int = typer.Option(1024, "--max-seq-len"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -27,11 +27,12 @@ def evaluate(
     from .evaluate import evaluation_loss, load_for_eval
     from .training import make_collator
 
-    loaded = load_data_file(data, fmt)
+    sources = [(data, fmt)] if data is not None else _run_eval_files(target)
+    records = [record for path, form in sources for record in load_data_file(path, form).records]
     base, tuned, tokenizer = load_for_eval(str(target))
-    tokens = tokenize_records(loaded.records, tokenizer, max_seq_len=max_seq_len)
+    tokens = tokenize_records(records, tokenizer, max_seq_len=max_seq_len)
     collator = make_collator(tokenizer)
-    result = {"data": str(data), "rows": tokens.stats.rows_out,
+    result = {"data": ", ".join(str(path) for path, _ in sources), "rows": tokens.stats.rows_out,
               "base": evaluation_loss(base, tokens.dataset, collator, batch_size=batch_size)}
     if tuned is not None:
         result["adapter"] = evaluation_loss(tuned, tokens.dataset, collator, batch_size=batch_size)
@@ -43,6 +44,21 @@ def evaluate(
     for name in ("base", "adapter"):
         if name in result:
             console.print(f"{name:8} loss {result[name]['loss']:.4f}  perplexity {result[name]['perplexity']:.2f}")
+
+
+def _run_eval_files(target: Path) -> list[tuple[Path, str]]:
+    """The held-out files a finished run was trained against, from its resolved recipe.yaml."""
+    from .errors import InputError
+    from .recipe import load_recipe
+
+    saved = target / "recipe.yaml"
+    if not saved.is_file():
+        raise InputError(f"msov eval: '{target}' is not a run folder (no recipe.yaml), so there is no held-out data "
+                         "to default to.", hint="Pass --data FILE.")
+    files = load_recipe(saved).data.eval
+    if not files:
+        raise InputError(f"msov eval: the run's recipe ({saved}) has no data.eval files.", hint="Pass --data FILE.")
+    return [(Path(f.path), f.format) for f in files]
 
 
 @command(name="generate")

@@ -32,7 +32,8 @@ def test_loss_falls_by_at_least_30_percent(finished_run):
 
 def test_run_folder_contents(finished_run):
     summary, out, events = finished_run
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "metrics.jsonl", "recipe.yaml", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "inputs.json", "loss.png", "metrics.jsonl",
+                                                     "recipe.yaml", "run.json"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(out.rglob("*.bin"))
     run = json.loads((out / "run.json").read_text())
@@ -142,3 +143,9 @@ def test_eval_and_generate_commands_on_a_run(finished_run, cli):
     answers = json.loads(answer.stdout)
     assert answers["adapter"] and answers["adapter"] != answers["base"]
     assert cli("eval", out / "metrics.jsonl", "--data", SAMPLES / "helpdesk_chat_eval.jsonl").exit_code == 3
+    # Without --data, the run's own held-out files (README: `msov eval RUN [--data FILE]`).
+    default = cli("eval", out, "--max-seq-len", "192", "--json")
+    assert default.exit_code == 0, default.output
+    assert json.loads(default.stdout)["adapter"] == report["adapter"]
+    no_recipe = cli("eval", out / "adapter", "--json")
+    assert no_recipe.exit_code == 3 and "not a run folder" in json.loads(no_recipe.stdout)["error"]
