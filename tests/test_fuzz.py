@@ -90,3 +90,72 @@ def test_huge_line_and_invalid_utf8(tmp_path):
     path.write_bytes(b'{"text": "' + b"a" * 2_000_000 + b'"}\n\xff\xfe{"text": 1}\n')
     _expect_clean(lambda: load_data_file(path))
     assert _expect_clean(lambda: load_data_file(Path(tmp_path / "missing.parquet"))) is None
+
+
+# -- the shared output and secret checks, over random folder trees ---------------------------------------------
+
+from mistral_sov.keys import refuse_secrets  # noqa: E402
+from mistral_sov.paths import refuse_overlap  # noqa: E402
+
+parts = st.lists(st.sampled_from(["a", "b", "c", ".d", "ü"]), min_size=1, max_size=4)
+
+
+@FUZZ
+@given(output=parts, inputs=st.lists(parts, min_size=1, max_size=3), link=st.booleans())
+def test_an_output_overlapping_any_input_is_refused_however_spelled(tmp_path_factory, output, inputs, link):
+    """Refused exactly when the output is, contains or lies inside an input, also when reached through a link."""
+    root = tmp_path_factory.mktemp("overlap")
+    (root / "real").mkdir()
+    if link:
+        (root / "via").symlink_to(root / "real")
+    top = root / ("via" if link else "real")
+    out = top.joinpath(*output)
+    srcs = [root / "real" / Path(*p) for p in inputs]
+    overlaps = any(tuple(output[:len(p)]) == tuple(p) or tuple(p[:len(output)]) == tuple(output) for p in inputs)
+    try:
+        refuse_overlap(out, srcs, what="--out")
+        refused = False
+    except MsovError as exc:
+        refused = exc.exit_code == 3
+    assert refused == overlaps
+
+
+@FUZZ
+@given(tree=st.lists(parts, min_size=1, max_size=6), secret=st.sampled_from(
+    [None, "link", "pkcs8", "ec", "encrypted", "copy"]), where=st.integers(0, 5))
+def test_a_folder_with_a_link_a_private_key_or_a_copy_of_the_key_is_refused(tmp_path_factory, tree, secret, where):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    root = tmp_path_factory.mktemp("secrets")
+    folder = root / "out"
+    folder.mkdir()
+    files = []
+    for i, p in enumerate(tree):
+        target = folder.joinpath(*p[:-1], f"f{i}-{p[-1]}.txt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"plain text {i}\n")
+        files.append(target)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = {"pkcs8": serialization.PrivateFormat.PKCS8, "ec": serialization.PrivateFormat.TraditionalOpenSSL}
+    key_file = root / "signer.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    victim = files[where % len(files)]
+    if secret == "link":
+        victim.unlink()
+        victim.symlink_to(key_file)
+    elif secret in pem:
+        victim.write_bytes(key.private_bytes(serialization.Encoding.PEM, pem[secret], serialization.NoEncryption()))
+    elif secret == "encrypted":
+        victim.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.BestAvailableEncryption(b"pw")))
+    elif secret == "copy":
+        victim.write_bytes(key_file.read_bytes() + b"")
+        victim.with_suffix(".b64").write_text("not a key\n")
+    try:
+        refuse_secrets(folder, key=key_file)
+        refused = False
+    except MsovError as exc:
+        refused = exc.exit_code == 3 and victim.name in str(exc)
+    assert refused == (secret is not None)
