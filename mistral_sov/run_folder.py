@@ -37,24 +37,38 @@ def run_lock(out_dir: Path):
     """Hold OUT.lock (flock, exclusive) for the whole run: a second run into the same folder is refused at once.
 
     The kernel drops a flock when its holder dies, so a crashed run's leftover lock file never blocks; its pid text
-    is only there to name the holder. The file stays (unlinking it would let two runs lock two different inodes)."""
+    is only there to name the holder. The holder removes the file before it lets go; a run that locked a file which
+    was meanwhile removed (or replaced) tries again on the current one, so two runs never hold two inodes."""
     lock_path = out_dir.with_name(out_dir.name + ".lock")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise InputError(f"output.dir: cannot create the run lock '{lock_path}': {exc.strerror}.") from None
-    try:
+    while True:
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"output.dir: cannot create the run lock '{lock_path}': {exc.strerror}.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise InputError(f"output.dir: '{out_dir}' is in use by another msov run (pid {holder}, lock "
                              f"'{lock_path}').", hint="Wait for it to finish, or choose another output.dir.") from None
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder removed it between our open and our lock: take the current file
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_path
     finally:
+        try:
+            os.unlink(lock_path)  # still held: a run waiting on this inode re-checks and takes a fresh file
+        except FileNotFoundError:
+            pass
         os.close(fd)  # releases the flock
 
 

@@ -61,7 +61,7 @@ def test_two_ranks_match_one_process(tiny_model, tmp_path):
     rank0 = json.loads((reports / "rank0.json").read_text())
     rank1 = json.loads((reports / "rank1.json").read_text())
     assert rank1["trainable_sha256"] == rank0["parameters"]["trainable_sha256"]  # same adapter on both ranks
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp", "ddp.lock"]  # one folder + lock, no partial
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]  # one output folder, no partials
     assert rank0["train"]["steps"] == 12
 
     single = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "one.yaml"), str(reports)],
@@ -109,7 +109,7 @@ def test_fsdp_two_ranks_save_the_whole_adapter_and_match_one_process(tiny_model,
     rank1 = json.loads((reports / "rank1.json").read_text())
     assert rank0["train"]["fsdp"] is True and rank0["train"]["processes"] == 2  # really sharded, by FSDP2
     assert rank1["trainable_sha256"] == rank0["parameters"]["trainable_sha256"]  # both gathered the same adapter
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["fsdp", "fsdp.lock"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["fsdp"]  # one output folder, no partials
     assert rank0["train"]["steps"] == 12
 
     # The saved adapter is the whole adapter in plain PEFT format: PEFT alone loads it, its tensors are the ones
@@ -238,7 +238,7 @@ def test_accelerate_launch_runs_the_cli_unchanged(tiny_model, tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: test-run") == 1  # rank 0 alone renders the summary
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["two", "two.lock"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["two"]
     two = json.loads((tmp_path / "runs" / "two" / "run.json").read_text())
     assert two["train"]["processes"] == 2 and two["train"]["steps"] == 8
 

@@ -72,6 +72,7 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_a_stale_lock_is_not(ti
     (tmp_path / "run.lock").write_text("99999999\n")  # what a killed run leaves: content, no flock
     with run_lock(out) as lock:
         assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()  # the holder removes it as it lets go: nothing is left beside the output
 
 
 def test_resume_refuses_changed_inputs_skips_torn_checkpoints_and_sigterm_exits_143(tiny_model, tmp_path, cli):
