@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mistral_sov.manifest import default_workers, hash_files  # noqa: E402
-from mistral_sov.keys import generate_keypair  # noqa: E402
-from mistral_sov.signing import sign_folder, verify_folder  # noqa: E402
+from mistral_sov.trust.hashing import default_workers, hash_files  # noqa: E402
+from mistral_sov.trust.keys import generate_keypair  # noqa: E402
+from mistral_sov.trust.oms import sign_folder, verify_folder  # noqa: E402
 
 GIB = 1 << 30
 

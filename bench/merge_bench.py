@@ -54,7 +54,7 @@ print(layers)
 
 STREAMED = IMPORTS + """
 import sys, time
-from mistral_sov.merge import merge_into, parse_size
+from mistral_sov.export.stream_merge import merge_into, parse_size
 base, adapter, out, shard = sys.argv[1:5]
 started = time.monotonic()
 merge_into(base, adapter, out, shard_size=parse_size(shard))

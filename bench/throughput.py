@@ -75,8 +75,8 @@ def chat_rows(n: int, words, weights, seed: int, median: float, sigma: float, ma
 def prepare(work: Path, args) -> dict:
     """Tokenizer and model (built locally), tokenised rows saved to disk for the arms to load."""
     from mistral_sov.data import tokenize_records
-    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
-    from mistral_sov.tiny import build_tiny_model
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
+    from mistral_sov.tools.tiny import build_tiny_model
 
     words, weights = lexicon(args.seed)
     corpus = work / "corpus"
@@ -170,10 +170,11 @@ def build_packing_only(work: Path, args, dataset, tokenizer):
 
 
 def build_msov(work: Path, args, dataset, tokenizer):
-    from mistral_sov.modeling import attach_lora, inspect_model_folder, load_model
-    from mistral_sov.recipe import LoraSection, ModelSection, TrainSection
-    from mistral_sov.training import build_trainer
     from transformers import set_seed
+
+    from mistral_sov.model.load import attach_lora, inspect_model_folder, load_model
+    from mistral_sov.recipe import LoraSection, ModelSection, TrainSection
+    from mistral_sov.train.trainer import build_trainer
 
     set_seed(args.seed)  # as `msov finetune` does before loading the model
     folder = inspect_model_folder(str(work / "model"))
@@ -223,7 +224,7 @@ def _supervised_in_row(feature: dict) -> int:
 
 def run_arm(arm: str, index: int, work: str, args, turns, done, barrier, results) -> None:
     """One arm in its own process; its clock runs only between receiving and passing the turn."""
-    from mistral_sov.offline import enforce_offline_env
+    from mistral_sov.guard.env import enforce_offline_env
 
     enforce_offline_env()
     warnings.filterwarnings("ignore")  # library deprecation chatter; the bench's output is the table
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from mistral_sov.offline import enforce_offline_env
+    from mistral_sov.guard.env import enforce_offline_env
 
     enforce_offline_env()
     warnings.filterwarnings("ignore")

@@ -45,7 +45,7 @@ def generate_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: in
 
     mistral = getattr(tokenizer, "msov_mistral", None)
     if mistral is not None:  # the tokenizer of record encodes the prompt, as it encoded the training rows
-        from .mistral_native import encode_prompt
+        from .model.mistral_native import encode_prompt
 
         ids = torch.tensor([encode_prompt(mistral, messages)])
         encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -93,7 +93,7 @@ def load_for_eval(path: str):
     """(base model, model with the adapter applied or None, tokenizer), all local, for eval and generate."""
     from peft import PeftModel
 
-    from .modeling import inspect_model_folder, load_model, load_tokenizer
+    from .model.load import inspect_model_folder, load_model, load_tokenizer
     from .recipe import ModelSection
 
     base_ref, adapter = resolve_target(path)

@@ -14,23 +14,19 @@ import tempfile
 from pathlib import Path
 
 from .errors import VerificationError
-from .training import EventSink
+from .events import EventSink, no_events
 
 EVAL_LOSS_TOLERANCE = 0.02  # relative; for runs that cannot be bit-identical
 COMPARED_VERSIONS = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "msov")
 
 
-def _ignore(_kind: str, _payload: dict) -> None:
-    pass
-
-
 def reproduce(folder: Path, public_key: Path, *, sig_path: Path | None = None, out: Path | None = None,
-              on_event: EventSink = _ignore) -> dict:
-    from .finetune import environment_versions, finetune
-    from .manifest import sha256_file
-    from .provenance import explain, read_provenance
+              on_event: EventSink = no_events) -> dict:
     from .recipe import validate_recipe
-    from .signing import verify_folder
+    from .train.pipeline import environment_versions, finetune
+    from .trust.hashing import sha256_file
+    from .trust.oms import verify_folder
+    from .trust.provenance import explain, read_provenance
 
     # 1. trust nothing that is not signed
     on_event("stage", {"text": "verifying signature and provenance"})

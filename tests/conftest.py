@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mistral_sov.offline import enforce_offline_env
+from mistral_sov.guard.env import enforce_offline_env
 
 enforce_offline_env()  # before any test imports transformers, as msov itself does
 
@@ -21,7 +21,7 @@ SAMPLES = REPO / "data_samples"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Built once (seconds); tests that modify a model copy it first (see `model_copy`)."""
-    from mistral_sov.tiny import build_tiny_model
+    from mistral_sov.tools.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

@@ -13,7 +13,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def keypair(tmp_path_factory) -> tuple[Path, Path]:
-    from mistral_sov.keys import generate_keypair
+    from mistral_sov.trust.keys import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys") / "signer")
 

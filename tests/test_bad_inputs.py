@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, small_recipe
 
 SHAPES = REPO / "tests" / "shapes" / "mistral-7b-v0.1"

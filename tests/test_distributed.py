@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, small_recipe, torchrun
-from mistral_sov.finetune import finetune
+
 from mistral_sov.recipe import load_recipe
+from mistral_sov.train.pipeline import finetune
 
 DRIVER = """
 import json, os, sys
-from mistral_sov.finetune import finetune
+from mistral_sov.train.pipeline import finetune
 from mistral_sov.recipe import load_recipe
 summary = finetune(load_recipe(sys.argv[1]))
 with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
@@ -94,11 +94,11 @@ def test_fsdp_two_ranks_save_the_whole_adapter_and_match_one_process(tiny_model,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mistral_sov.distributed import trained_tensors
     from mistral_sov.evaluate import evaluation_loss
-    from mistral_sov.finetune import _trainable_digest, prepare_inputs
     from mistral_sov.recipe import Recipe
-    from mistral_sov.training import make_collator
+    from mistral_sov.train.engine import trained_tensors
+    from mistral_sov.train.pipeline import _trainable_digest, prepare_inputs
+    from mistral_sov.train.trainer import make_collator
 
     reports = tmp_path / "reports"
     # Global batch 8 either way: 2 ranks x 4, or 1 process x 8.
@@ -148,12 +148,12 @@ def fsdp_env(monkeypatch):
 def test_fsdp_refuses_8bit_qlora_before_loading_weights(tiny_model, tmp_path, write_recipe, cli, fsdp_env,
                                                          monkeypatch):
     pytest.importorskip("bitsandbytes")
-    import mistral_sov.modeling
+    import mistral_sov.model.load
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the refusal")
 
-    monkeypatch.setattr(mistral_sov.modeling, "load_model", no_loading)
+    monkeypatch.setattr(mistral_sov.model.load, "load_model", no_loading)
     recipe = small_recipe(tiny_model, tmp_path / "out", max_steps=2)
     recipe["quantization"] = {"bits": 8, "compute_dtype": "float32"}
     result = cli("finetune", write_recipe(recipe))
@@ -164,9 +164,9 @@ def test_fsdp_refuses_8bit_qlora_before_loading_weights(tiny_model, tmp_path, wr
 
 
 def test_fsdp_checks(fsdp_env, monkeypatch):
-    from mistral_sov.distributed import check_fsdp, fsdp_requested
     from mistral_sov.errors import InputError
     from mistral_sov.recipe import QuantizationSection
+    from mistral_sov.train.engine import check_fsdp, fsdp_requested
 
     assert fsdp_requested()
     # 4-bit is the supported QLoRA + FSDP combination; on CPU accelerate runs it (and plain LoRA) as DDP, and says so.
@@ -187,7 +187,7 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype(fsdp_env, monkeypatch):
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from mistral_sov.modeling import quantization_config
+    from mistral_sov.model.load import quantization_config
     from mistral_sov.recipe import QuantizationSection
 
     section = QuantizationSection(bits=4, compute_dtype="bfloat16")
@@ -252,7 +252,7 @@ def test_accelerate_launch_runs_the_cli_unchanged(tiny_model, tmp_path):
 # since one that silently started again would end with the same adapter too.
 CLI_DRIVER = """
 import os, sys
-import mistral_sov.training as training
+import mistral_sov.train.trainer as training
 from transformers import TrainerCallback
 
 class CrashAndCount(TrainerCallback):
@@ -298,7 +298,7 @@ def logged_losses(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_a_two_rank_run_that_crashed_resumes_to_the_uninterrupted_adapter(engine, tiny_model, tmp_path):
-    from mistral_sov.training import latest_checkpoint
+    from mistral_sov.train.trainer import latest_checkpoint
 
     runs = tmp_path / "runs"
     for name in ("straight", "crashed"):  # the same recipe but for where it goes
@@ -346,7 +346,7 @@ def test_every_rank_must_find_the_checkpoint_to_resume(tiny_model, tmp_path):
     in the words rank 0 uses, so that all_ranks_agree reports it once, or names the rank when only it failed."""
     from mistral_sov.errors import InputError
     from mistral_sov.recipe import Recipe
-    from mistral_sov.run_folder import check_targets
+    from mistral_sov.train.run_folder import check_targets
 
     recipe = Recipe.model_validate(small_recipe(tiny_model, tmp_path / "out"))
     for main in (True, False):
@@ -361,7 +361,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_engine(tiny_model, tmp_path, w
     """An FSDP checkpoint resumed without FSDP (or a DDP one under FSDP) fails in the Trainer only after the model is
     loaded, with a ValueError or a FileNotFoundError on optimizer_0 (measured): msov refuses it first, exit 3."""
     from mistral_sov.errors import InputError
-    from mistral_sov.training import check_resumable
+    from mistral_sov.train.trainer import check_resumable
 
     path = write_recipe(small_recipe(tiny_model, tmp_path / "out", max_steps=12, save_steps=5))
     checkpoint = tmp_path / "out.partial" / "checkpoints" / "checkpoint-5"

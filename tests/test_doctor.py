@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -64,7 +63,7 @@ def test_unwritable_output_dir_fails_with_exit_5(cli, tmp_path):
 
 
 def test_missing_required_library_fails(cli, tmp_path, monkeypatch):
-    from mistral_sov import doctor
+    from mistral_sov.tools import doctor
 
     monkeypatch.setattr(doctor, "REQUIRED", (*doctor.REQUIRED, "msov-no-such-package"))
     result, report = doctor_json(cli, "--out", tmp_path)
@@ -73,7 +72,7 @@ def test_missing_required_library_fails(cli, tmp_path, monkeypatch):
 
 
 def test_version_off_the_tested_set_warns_only(cli, tmp_path, monkeypatch):
-    from mistral_sov import doctor
+    from mistral_sov.tools import doctor
 
     pins = tmp_path / "constraints.txt"
     pins.write_text((REPO / "constraints.txt").read_text().replace("peft==", "peft==0.0.1 # was "))
@@ -86,7 +85,7 @@ def test_version_off_the_tested_set_warns_only(cli, tmp_path, monkeypatch):
 
 def test_built_in_tested_versions_match_constraints():
     """Installs without constraints.txt (a wheel) compare against this table; it must not drift."""
-    from mistral_sov.doctor import TESTED_FALLBACK, _canon, tested_versions
+    from mistral_sov.tools.doctor import TESTED_FALLBACK, _canon, tested_versions
 
     pins, source = tested_versions()
     assert source.endswith("constraints.txt")
@@ -121,7 +120,7 @@ def test_doctor_without_any_network():
 
 
 def test_system_commands_import_no_heavy_libraries():
-    script = ("import sys\nimport mistral_sov.cli, mistral_sov.cli_system, mistral_sov.plan, mistral_sov.doctor\n"
+    script = ("import sys\nimport mistral_sov.cli, mistral_sov.cli.machine, mistral_sov.model.memory, mistral_sov.tools.doctor\n"
               "print([m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import small_recipe
 
-from mistral_sov.merge import merge_into, parse_size
 from mistral_sov.errors import UsageError
+from mistral_sov.export.stream_merge import merge_into, parse_size
 
 MSOV = [sys.executable, "-m", "mistral_sov"]
 
@@ -70,8 +69,8 @@ def sharded_model(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_model, tmp_path_factory) -> Path:
     """A real (two-step) msov run on the tiny model."""
-    from mistral_sov.finetune import finetune
     from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
 
     folder = tmp_path_factory.mktemp("run")
     recipe = folder / "recipe.yaml"
@@ -82,7 +81,7 @@ def trained_run(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
-    from mistral_sov.keys import generate_keypair
+    from mistral_sov.trust.keys import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys") / "ci")
 
@@ -146,7 +145,7 @@ def test_parse_size():
 
 
 def test_merge_export_is_a_signed_standard_folder(cli, trained_run, keys, tmp_path):
-    from mistral_sov.signing import verify_folder
+    from mistral_sov.trust.oms import verify_folder
 
     private, public = keys
     out = tmp_path / "merged"
@@ -316,9 +315,8 @@ def test_killed_export_leaves_nothing(trained_run, sharded_model, keys, tmp_path
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     summary = json.loads((run / "run.json").read_text())
-    from mistral_sov.manifest import digest_folder
-
-    from mistral_sov.provenance import write_provenance
+    from mistral_sov.trust.hashing import digest_folder
+    from mistral_sov.trust.provenance import write_provenance
 
     summary["base_model"] = {"path": str(sharded_model), "files": digest_folder(sharded_model)}
     (run / "run.json").write_text(json.dumps(summary))
@@ -344,7 +342,7 @@ def test_killed_export_leaves_nothing(trained_run, sharded_model, keys, tmp_path
         process.wait()
         sig = out.with_name(out.name + ".sig")
         if out.exists():  # it finished before the kill: then it is whole and verifies
-            from mistral_sov.signing import verify_folder
+            from mistral_sov.trust.oms import verify_folder
 
             verify_folder(out, public)
             shutil.rmtree(out)

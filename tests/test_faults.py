@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SAMPLES, small_recipe
+
 from mistral_sov.errors import Interrupted
-from mistral_sov.finetune import finetune
-from mistral_sov.manifest import sha256_file
 from mistral_sov.recipe import load_recipe
+from mistral_sov.train.pipeline import finetune
+from mistral_sov.trust.hashing import sha256_file
 
 STEPS = dict(max_steps=12, save_steps=4, logging_steps=1)
 
@@ -38,7 +38,7 @@ def test_kill_9_then_resume_gives_the_same_adapter(tiny_model, tmp_path, uninter
     path = recipe_at(tiny_model, tmp_path, "killed")
     driver = (
         "import os, signal\n"
-        "from mistral_sov.finetune import finetune\n"
+        "from mistral_sov.train.pipeline import finetune\n"
         "from mistral_sov.recipe import load_recipe\n"
         "def on_event(kind, payload):\n"
         "    if kind == 'step' and payload['step'] == 7:\n"
@@ -97,8 +97,8 @@ def _child(request: dict, report: int) -> int:
     import torch
     from transformers import Trainer  # imported by the server already: this is a lookup
 
-    from mistral_sov import training
     from mistral_sov.errors import MsovError
+    from mistral_sov.train import trainer as training
 
     os.dup2(2, 1)  # the server's stdout is its answer channel
     torch.set_num_threads(1)
@@ -134,7 +134,7 @@ def serve() -> None:
     from transformers import Trainer  # noqa: F401 - transformers imports it lazily, in about a second
 
     import mistral_sov.evaluate  # noqa: F401
-    import mistral_sov.modeling  # noqa: F401
+    import mistral_sov.model.load  # noqa: F401
 
     for line in sys.stdin:
         request = json.loads(line)
@@ -205,7 +205,7 @@ PHASES = {None: "before the first checkpoint", "save": "inside a checkpoint writ
 
 
 def test_sigkill_at_20_random_instants_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_path, attempt):
-    from mistral_sov.training import checkpoint_step, resume_point
+    from mistral_sov.train.trainer import checkpoint_step, resume_point
 
     def adapter_digest(run: Path) -> str:
         return sha256_file(run / "adapter" / "adapter_model.safetensors")

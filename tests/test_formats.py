@@ -15,7 +15,7 @@ from mistral_sov.errors import DataError
 
 @pytest.fixture(scope="module")
 def tok():
-    from mistral_sov.tiny import build_tiny_tokenizer
+    from mistral_sov.tools.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 

@@ -94,8 +94,8 @@ def test_huge_line_and_invalid_utf8(tmp_path):
 
 # -- the shared output and secret checks, over random folder trees ---------------------------------------------
 
-from mistral_sov.keys import refuse_secrets  # noqa: E402
-from mistral_sov.paths import refuse_overlap  # noqa: E402
+from mistral_sov.guard.paths import refuse_overlap  # noqa: E402
+from mistral_sov.trust.keys import refuse_secrets  # noqa: E402
 
 parts = st.lists(st.sampled_from(["a", "b", "c", ".d", "ü"]), min_size=1, max_size=4)
 

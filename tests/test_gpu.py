@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import small_recipe
 
 torch = pytest.importorskip("torch")
@@ -41,7 +40,7 @@ def mid_model(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def long_rows(tmp_path_factory):
-    from mistral_sov.tiny import sample_texts
+    from mistral_sov.tools.tiny import sample_texts
 
     text = " ".join(sample_texts())
     path = tmp_path_factory.mktemp("gpu-data") / "long.jsonl"
@@ -51,11 +50,11 @@ def long_rows(tmp_path_factory):
 
 def measure(model_dir, data_path, tmp_path, *, quantization=None, lora=None, steps=10, **train):
     """Train `steps` steps; return the peak GPU memory of training, tokens/s and the plan's estimate."""
-    from mistral_sov.finetune import prepare_inputs
-    from mistral_sov.modeling import attach_lora, load_model
-    from mistral_sov.plan import plan_recipe
+    from mistral_sov.model.load import attach_lora, load_model
+    from mistral_sov.model.memory import plan_recipe
     from mistral_sov.recipe import load_recipe
-    from mistral_sov.training import build_trainer
+    from mistral_sov.train.pipeline import prepare_inputs
+    from mistral_sov.train.trainer import build_trainer
 
     data = small_recipe(model_dir, tmp_path / "out", max_steps=steps, logging_steps=1, lr=1e-4, **train)
     data["model"]["dtype"] = "bfloat16"
@@ -128,8 +127,8 @@ def test_lora_bf16_steps_memory_and_speed(mid_model, long_rows, tmp_path, record
 
 def test_dora_on_8bit_trains_on_cuda(tiny_model, tmp_path, write_recipe):
     """msov refuses DoRA on 8-bit on CPU (bitsandbytes fails there); on CUDA it must really train."""
-    from mistral_sov.finetune import finetune
     from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
 
     data = small_recipe(tiny_model, tmp_path / "out", max_steps=4, logging_steps=1)
     data["quantization"] = {"bits": 8}

@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 import mistral_common
+import pytest
 from conftest import REPO, SAMPLES, small_recipe
+
 from mistral_sov.data import load_data_file, tokenize_records
 from mistral_sov.errors import DataError
-from mistral_sov.mistral_native import load_mistral_tokenizer
+from mistral_sov.model.mistral_native import load_mistral_tokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
 TEMPLATE = REPO.parent / "shared" / "mistral" / "mistral-7b-instruct-v0.3.chat_template.jinja"
@@ -152,7 +152,7 @@ def v03_folder(tmp_path_factory) -> Path:
 
 
 def test_helpdesk_recipe_data_tokenises_with_system_prompts(v03_folder, mistral_tokenizers):
-    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
     from mistral_sov.recipe import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "mistral-7b-lora.yaml")
@@ -173,8 +173,8 @@ def test_helpdesk_recipe_data_tokenises_with_system_prompts(v03_folder, mistral_
 def v03_run(v03_folder, tmp_path_factory):
     import yaml
 
-    from mistral_sov.finetune import finetune
     from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
 
     root = tmp_path_factory.mktemp("v03-run")
     data = small_recipe(v03_folder, root / "out", max_steps=2, batch_size=4, max_seq_len=256)
@@ -209,7 +209,7 @@ def test_export_format_mistral_converts_back_to_the_hf_export(v03_run, tmp_path,
 
 
 def test_tekken_only_folder_loads(tmp_path):
-    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
 
     folder = _mistral_folder(tmp_path / "nemo", FILES["tekken-240911"], hf_tokenizer=False)
     assert not (folder / "tokenizer.json").exists()
@@ -229,7 +229,7 @@ def _logits(folder: Path):
 
 
 def test_native_out_and_back_gives_the_same_logits(v03_folder, tmp_path):
-    from mistral_sov.mistral_native import convert_native, write_native
+    from mistral_sov.model.mistral_native import convert_native, write_native
 
     native, back = tmp_path / "native", tmp_path / "back"
     native.mkdir()
@@ -253,8 +253,8 @@ def test_native_out_and_back_gives_the_same_logits(v03_folder, tmp_path):
 
 def test_native_folder_is_pointed_at_convert_and_pickle_refused(tmp_path):
     from mistral_sov.errors import ModelFolderError
-    from mistral_sov.mistral_native import convert_native
-    from mistral_sov.modeling import inspect_model_folder
+    from mistral_sov.model.load import inspect_model_folder
+    from mistral_sov.model.mistral_native import convert_native
 
     folder = tmp_path / "native"
     folder.mkdir()
@@ -271,7 +271,7 @@ def test_native_folder_is_pointed_at_convert_and_pickle_refused(tmp_path):
 
 
 def test_cli_convert_and_data_show(v03_folder, tmp_path, cli, write_recipe):
-    from mistral_sov.mistral_native import write_native
+    from mistral_sov.model.mistral_native import write_native
 
     native = tmp_path / "native"
     native.mkdir()
@@ -297,7 +297,7 @@ def test_cli_convert_and_data_show(v03_folder, tmp_path, cli, write_recipe):
 
 def test_data_tokenizer_template_on_mistrals_own_template(v03_folder, tiny_model):
     from mistral_sov.errors import ModelFolderError
-    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
 
     tokenizer = load_tokenizer(inspect_model_folder(str(v03_folder)), of_record="template")
     assert getattr(tokenizer, "msov_mistral", None) is None
@@ -338,7 +338,7 @@ def test_completion_rows_are_the_tokenizers_own_encoding(name, tmp_path, mistral
 def test_nemo_like_folder_with_tokenizer_json_loads(tmp_path):
     from transformers import AutoTokenizer
 
-    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
 
     folder = _mistral_folder(tmp_path / "nemo", FILES["tekken-240911"], hf_tokenizer=False)
     staging = tmp_path / "staging"
@@ -380,8 +380,8 @@ GOOD_PARAMS = json.dumps({"dim": 8, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1
     (GOOD_PARAMS, (40).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [1]}}   ', "consolidated"),
 ])
 def test_convert_refuses_hostile_native_folders_with_exit_3(tmp_path, cli, params, weights, match):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     folder = _hostile_native(tmp_path, params, weights)
     if weights is None:
@@ -394,8 +394,8 @@ def test_convert_refuses_hostile_native_folders_with_exit_3(tmp_path, cli, param
 
 
 def test_convert_refuses_symlinks_and_output_inside_input(tmp_path, cli):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     real = tmp_path / "real.safetensors"
     save_file({"norm.weight": torch.ones(8)}, str(real))
@@ -418,7 +418,8 @@ def test_generation_prompt_is_mistral_commons_encoding(mistral_tokenizers, name)
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-    from mistral_sov.mistral_native import encode_chat, encode_prompt
+
+    from mistral_sov.model.mistral_native import encode_chat, encode_prompt
 
     conversation = PLAIN[1]
     prompt = conversation[:-1]
@@ -445,8 +446,8 @@ def test_generate_reply_feeds_the_model_mistral_commons_prompt(v03_folder, mistr
     from transformers import MistralForCausalLM
 
     from mistral_sov.evaluate import generate_reply
-    from mistral_sov.mistral_native import encode_prompt
-    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
+    from mistral_sov.model.mistral_native import encode_prompt
 
     tokenizer = load_tokenizer(inspect_model_folder(str(v03_folder)))
     model = MistralForCausalLM.from_pretrained(v03_folder)

@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 import typer
 import yaml
+from conftest import small_recipe
 from typer.testing import CliRunner
 
-from conftest import small_recipe
-from mistral_sov.egress import EgressRefused, egress_guard
+from mistral_sov.guard.egress import EgressRefused, egress_guard
 
 
 def test_outbound_connection_is_refused_and_named():
@@ -92,8 +92,8 @@ def test_cli_renders_refusal_with_exit_5():
 
 
 def test_full_finetune_makes_zero_connection_attempts(tiny_model, tmp_path):
-    from mistral_sov.finetune import finetune
     from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(small_recipe(tiny_model, tmp_path / "out", max_steps=4)))
     with egress_guard() as guard:

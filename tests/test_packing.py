@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import SAMPLES, small_recipe
+
 from mistral_sov.data.packing import PackingCollator, pack_rows, packed_layout
 from mistral_sov.data.tokens import IGNORE
 
@@ -15,7 +15,7 @@ CAPACITY = 256  # two or three sample rows (57-157 tokens): the batches below ne
 def rows(tiny_model):
     """Eight tokenised helpdesk conversations, of unequal lengths."""
     from mistral_sov.data import load_data_file, tokenize_records
-    from mistral_sov.modeling import inspect_model_folder, load_tokenizer
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
 
     tokenizer = load_tokenizer(inspect_model_folder(str(tiny_model)))
     records = load_data_file(SAMPLES / "helpdesk_chat.jsonl", "chat").records[:8]
@@ -97,7 +97,7 @@ def test_packed_losses_equal_one_by_one(tiny_model, rows, attn):
     training uses, on a model whose config asks for a cache."""
     import torch
 
-    from mistral_sov.training import supervised_token_losses
+    from mistral_sov.train.trainer import supervised_token_losses
 
     batch_rows, pad = rows
     model = load(tiny_model, attn)
@@ -139,7 +139,7 @@ def test_trainer_loss_equals_hf_loss_on_the_padded_batch(tiny_model, rows, tmp_p
     import torch
 
     from mistral_sov.recipe import TrainSection
-    from mistral_sov.training import build_trainer, make_collator
+    from mistral_sov.train.trainer import build_trainer, make_collator
 
     batch_rows, pad = rows
     model = load(tiny_model)
@@ -161,8 +161,8 @@ def test_trainer_loss_equals_hf_loss_on_the_padded_batch(tiny_model, rows, tmp_p
 
 
 def _losses(tiny_model, tmp_path, name, write_recipe, **overrides):
-    from mistral_sov.finetune import finetune
     from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
 
     data = small_recipe(tiny_model, tmp_path / name, max_steps=4, logging_steps=1, group_by_length=False,
                         **overrides.pop("train", {}))
@@ -187,7 +187,7 @@ def test_packed_training_follows_the_unpacked_run(tiny_model, tmp_path, write_re
 
 def test_training_arguments_group_lengths_only_without_packing_and_never_cache(tmp_path):
     from mistral_sov.recipe import TrainSection
-    from mistral_sov.training import training_arguments
+    from mistral_sov.train.trainer import training_arguments
 
     train = TrainSection()
     assert training_arguments(train, tmp_path, has_eval=False, packing=True).train_sampling_strategy == "random"

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, small_recipe
+
 from mistral_sov.recipe import Recipe
 
 SHAPES = REPO / "tests" / "shapes"
@@ -96,7 +96,7 @@ def test_plan_needs_only_config_json(cli, tmp_path):
 
 
 def test_gpu_mem_sizes_and_refusal(cli):
-    from mistral_sov.plan import parse_size
+    from mistral_sov.model.memory import parse_size
 
     assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == parse_size("24") == 24 * GiB
     assert parse_size("16000MB") == 16000 * 1024**2 and parse_size("1.5T") == int(1.5 * 1024**4)
@@ -132,8 +132,8 @@ def test_activation_estimate_matches_autograd_saved_tensors(tiny_model, changes)
     """What autograd keeps for backward, counted exactly with saved_tensors_hooks, against the plan's formula."""
     import torch
 
-    from mistral_sov.modeling import attach_lora, inspect_model_folder, load_model
-    from mistral_sov.plan import estimate, read_shapes
+    from mistral_sov.model.load import attach_lora, inspect_model_folder, load_model
+    from mistral_sov.model.memory import estimate, read_shapes
 
     recipe = _tiny_recipe(tiny_model, **changes)
     model = attach_lora(load_model(inspect_model_folder(str(tiny_model)), recipe.model,
@@ -160,11 +160,11 @@ MEASURE = r"""
 import json, os, sys
 from pathlib import Path
 import torch, yaml
-from mistral_sov.finetune import prepare_inputs
-from mistral_sov.modeling import attach_lora, load_model
-from mistral_sov.plan import plan_recipe
+from mistral_sov.train.pipeline import prepare_inputs
+from mistral_sov.model.load import attach_lora, load_model
+from mistral_sov.model.memory import plan_recipe
 from mistral_sov.recipe import load_recipe
-from mistral_sov.training import build_trainer
+from mistral_sov.train.trainer import build_trainer
 recipe = load_recipe(sys.argv[1])
 planned = plan_recipe(recipe, gpu_mem="1000GB")["memory"]["peak"]  # also imports transformers, peft, bitsandbytes
 prepared = prepare_inputs(recipe)
@@ -194,7 +194,7 @@ def test_plan_against_measured_peak_memory_of_a_cpu_run(tmp_path, write_recipe):
     """Peak RSS of real training steps against the plan; rows fill max_seq_len, as the plan assumes."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    from mistral_sov.tiny import build_tiny_model, sample_texts
+    from mistral_sov.tools.tiny import build_tiny_model, sample_texts
 
     model = build_tiny_model(tmp_path / "model", hidden_size=256, num_layers=4)
     text = " ".join(sample_texts())

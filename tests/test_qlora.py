@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import SAMPLES, small_recipe
-from mistral_sov.finetune import finetune
+
 from mistral_sov.recipe import load_recipe
+from mistral_sov.train.pipeline import finetune
 
 pytest.importorskip("bitsandbytes")
 
@@ -63,9 +63,9 @@ def test_adapter_on_full_precision_base_matches_quantized_model(tiny_model, tmp_
     from peft import PeftModel
     from transformers import set_seed
 
-    from mistral_sov.finetune import prepare_inputs
-    from mistral_sov.modeling import attach_lora, load_model
-    from mistral_sov.training import build_trainer
+    from mistral_sov.model.load import attach_lora, load_model
+    from mistral_sov.train.pipeline import prepare_inputs
+    from mistral_sov.train.trainer import build_trainer
 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(qlora_recipe(tiny_model, tmp_path / "out", max_steps=12)))
     recipe = load_recipe(tmp_path / "r.yaml")
@@ -164,7 +164,7 @@ def test_dora_on_8bit_is_refused_on_cpu(tiny_model, tmp_path, write_recipe, cli)
 
 def test_unsupported_device_is_refused():
     from mistral_sov.errors import EnvironmentRefused
-    from mistral_sov.modeling import check_quantization
+    from mistral_sov.model.load import check_quantization
     from mistral_sov.recipe import QuantizationSection
 
     with pytest.raises(EnvironmentRefused) as refused:  # a device type bitsandbytes has no backend for
@@ -180,7 +180,7 @@ def test_missing_bitsandbytes_is_refused(tmp_path):
         "import sys\n"
         "sys.modules['bitsandbytes'] = None\n"
         "from mistral_sov.errors import EnvironmentRefused\n"
-        "from mistral_sov.modeling import check_quantization\n"
+        "from mistral_sov.model.load import check_quantization\n"
         "from mistral_sov.recipe import QuantizationSection\n"
         "try:\n"
         "    check_quantization(QuantizationSection())\n"
@@ -197,7 +197,7 @@ def test_eval_pass_keeps_gradients_flowing_through_4bit_layers(tiny_model):
     repacked kernel has no autograd; msov turns that off. Gradients must not depend on an earlier eval pass."""
     import torch
 
-    from mistral_sov.modeling import attach_lora, inspect_model_folder, load_model
+    from mistral_sov.model.load import attach_lora, inspect_model_folder, load_model
     from mistral_sov.recipe import LoraSection, ModelSection, QuantizationSection
 
     folder = inspect_model_folder(str(tiny_model))

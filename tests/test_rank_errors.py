@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, small_recipe, torchrun
+
 from mistral_sov.errors import InputError
-from mistral_sov.ranks import StoppedWithPeers, all_ranks_agree, is_peer_failure
+from mistral_sov.train.ranks import StoppedWithPeers, all_ranks_agree, is_peer_failure
 
 # Rank 0 and the other ranks may get different recipes: a multi-node run where one node cannot read the data.
 PER_RANK = """
@@ -22,7 +22,7 @@ app(["finetune", recipe])
 # A failure inside training on rank 1 only, after the ranks agreed the inputs were fine.
 FAIL_IN_TRAINING = """
 import os, sys
-import mistral_sov.training as training
+import mistral_sov.train.trainer as training
 from transformers import TrainerCallback
 
 class FailOnRankOne(TrainerCallback):
@@ -68,7 +68,7 @@ def test_any_exception_in_the_checks_stops_all_ranks(monkeypatch):
     gathered = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr("mistral_sov.ranks._all_gather", lambda value: gathered.append(value) or [value, value])
+    monkeypatch.setattr("mistral_sov.train.ranks._all_gather", lambda value: gathered.append(value) or [value, value])
     with pytest.raises(Exception, match="unexpected PermissionError: denied") as err:
         all_ranks_agree(lambda: (_ for _ in ()).throw(PermissionError("denied")))
     assert err.value.exit_code == 1 and gathered[0]["failure"]["rank"] == 0
@@ -78,7 +78,7 @@ def test_ranks_that_found_different_inputs_stop(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     other = {"recipe": "a", "checkpoint": None}
-    monkeypatch.setattr("mistral_sov.ranks._all_gather", lambda value: [value, {"failure": None, "fingerprint": other}])
+    monkeypatch.setattr("mistral_sov.train.ranks._all_gather", lambda value: [value, {"failure": None, "fingerprint": other}])
     assert all_ranks_agree(lambda: "ok", fingerprint=lambda _: {"recipe": "a", "checkpoint": None}) == "ok"
     with pytest.raises(Exception) as err:
         all_ranks_agree(lambda: "ok", fingerprint=lambda _: {"recipe": "a", "checkpoint": "checkpoint-50"})

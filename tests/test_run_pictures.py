@@ -5,11 +5,11 @@ import struct
 
 import pytest
 import yaml
-
 from conftest import small_recipe
-from mistral_sov.finetune import finetune
-from mistral_sov.loss_plot import loss_figure, loss_series
+
 from mistral_sov.recipe import load_recipe
+from mistral_sov.train.loss_plot import loss_figure, loss_series
+from mistral_sov.train.pipeline import finetune
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

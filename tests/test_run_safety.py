@@ -6,15 +6,15 @@ import signal
 
 import pytest
 import yaml
-
 from conftest import SAMPLES, small_recipe
+
 from mistral_sov.errors import InputError, Interrupted
-from mistral_sov.finetune import finetune
-from mistral_sov.manifest import digest_folder, sha256_file
-from mistral_sov.paths import refuse_foreign, refuse_overlap
+from mistral_sov.export.registry import check_target
+from mistral_sov.guard.paths import refuse_foreign, refuse_overlap
 from mistral_sov.recipe import load_recipe
-from mistral_sov.registry import check_target
-from mistral_sov.run_folder import run_lock
+from mistral_sov.train.pipeline import finetune
+from mistral_sov.train.run_folder import run_lock
+from mistral_sov.trust.hashing import digest_folder, sha256_file
 
 
 @pytest.mark.parametrize("where", ["model", "model/inner", "above-model"])
@@ -121,7 +121,7 @@ def test_resume_refuses_changed_inputs_skips_torn_checkpoints_and_sigterm_exits_
 
 def test_resume_switching_on_a_null_section_is_refused_not_a_traceback(tmp_path):
     from mistral_sov.recipe import Recipe
-    from mistral_sov.run_folder import check_same_recipe
+    from mistral_sov.train.run_folder import check_same_recipe
 
     recipe = small_recipe(tmp_path / "model", tmp_path / "out")
     (tmp_path / "recipe.yaml").write_text(Recipe.model_validate(recipe).to_yaml())  # quantization: null

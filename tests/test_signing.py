@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, small_recipe
-from mistral_sov.finetune import finetune
-from mistral_sov.manifest import DEFAULT_IGNORE, describe_folder, digest_folder, hash_files, sha256_file
+
 from mistral_sov.recipe import load_recipe
-from mistral_sov.keys import generate_keypair
-from mistral_sov.signing import make_statement, pae, sign_folder, verify_folder
+from mistral_sov.train.pipeline import finetune
+from mistral_sov.trust.hashing import DEFAULT_IGNORE, describe_folder, digest_folder, hash_files, sha256_file
+from mistral_sov.trust.keys import generate_keypair
+from mistral_sov.trust.oms import make_statement, pae, sign_folder, verify_folder
 
 SCHEMA_PLACES = [REPO / "tests" / "oms" / "predicate.schema.v1.0.json",
                  REPO.parent / "shared" / "oms" / "predicate.schema.v1.0.json"]

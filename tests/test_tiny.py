@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mistral_sov.tiny import SPECIAL_TOKENS, build_tiny_model, build_tiny_tokenizer
+from mistral_sov.tools.tiny import SPECIAL_TOKENS, build_tiny_model, build_tiny_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -90,6 +90,6 @@ def test_no_sample_files_is_file_not_found(tmp_path):
 
 
 def test_importing_tiny_stays_light():
-    code = ("import sys, mistral_sov.tiny; heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'pyarrow') "
+    code = ("import sys, mistral_sov.tools.tiny; heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'pyarrow') "
             "if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

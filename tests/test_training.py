@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import small_recipe
-from mistral_sov.finetune import finetune
+
 from mistral_sov.recipe import load_recipe
+from mistral_sov.train.pipeline import finetune
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,12 @@ def test_run_folder_contents(finished_run):
 def test_adapter_reloads_in_plain_peft_with_same_logits(tiny_model, tmp_path):
     """Train a few steps in memory, save, reload in a fresh process that never imports msov, compare logits."""
     import torch
+    import yaml
     from transformers import set_seed
 
-    from mistral_sov.finetune import prepare_inputs
-    from mistral_sov.modeling import attach_lora, load_model
-    from mistral_sov.training import build_trainer
-
-    import yaml
+    from mistral_sov.model.load import attach_lora, load_model
+    from mistral_sov.train.pipeline import prepare_inputs
+    from mistral_sov.train.trainer import build_trainer
 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(small_recipe(tiny_model, tmp_path / "out", max_steps=6)))
     recipe = load_recipe(tmp_path / "r.yaml")

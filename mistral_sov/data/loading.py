@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from ..manifest import sha256_file
+from ..trust.hashing import sha256_file
 from .formats import EXPECTED, FORMATS, SFT_FORMATS, check_row, detect_format, fields_of
 from .readers import STREAMS, Problem, iter_saved_dataset
 

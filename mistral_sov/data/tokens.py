@@ -126,7 +126,7 @@ def _labels(ids: list[int], offsets: list, spans: list[tuple[int, int]] | None) 
 
 
 def _mistral_chat(mistral, record: dict, number: int, train_on: str = "completion") -> tuple[list, list]:
-    from ..mistral_native import encode_chat
+    from ..model.mistral_native import encode_chat
 
     ids, labels = encode_chat(mistral, record, number)
     return ids, ([IGNORE] + ids[1:] if train_on == "all" else labels)

@@ -1,0 +1,139 @@
+"""FSDP through accelerate: whether it is asked for, what it cannot shard, and reading a sharded adapter whole.
+
+msov launches nothing: `accelerate launch --config_file recipes/accelerate/fsdp.yaml -m mistral_sov finetune ...`
+sets ACCELERATE_USE_FSDP=true and FSDP_* variables for every rank, and the Trainer's Accelerator shards the model
+when training starts. Before that the model is whole on rank 0 (and on the others unless
+fsdp_cpu_ram_efficient_loading leaves them empty until FSDP broadcasts rank 0's weights); after it, every
+trained tensor is a shard (a DTensor under FSDP2), so the digest, the saved adapter and generation go through
+the helpers below.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from ..errors import InputError, MsovError
+
+
+def fsdp_requested() -> bool:
+    """Is this rank launched for FSDP? The same test accelerate itself makes (accelerate/accelerator.py)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_fsdp(quantization, *, on_cuda: bool | None = None) -> str | None:
+    """Refuse, before any weight is read, what FSDP cannot shard; return a warning when FSDP will not shard at all.
+
+    Sharded QLoRA needs 4-bit weights whose packed storage has the model's float dtype (bitsandbytes'
+    `quant_storage`, set by `modeling.quantization_config` under FSDP): FSDP shards floating-point tensors only.
+    msov gathers the adapter and generates through FSDP2's per-parameter shards, so FSDP1 is refused too.
+    """
+    if not fsdp_requested():
+        return None
+    if os.environ.get("FSDP_VERSION", "1") != "2":  # accelerate's default when the config does not say
+        raise InputError(
+            f"FSDP version {os.environ.get('FSDP_VERSION', '1')} (FSDP_VERSION) is not supported: msov gathers the "
+            "adapter and generates its sample through FSDP2's per-parameter shards.",
+            hint="Set fsdp_version: 2 in the accelerate config, as recipes/accelerate/fsdp.yaml does.")
+    if quantization is not None and quantization.bits != 4:
+        # Measured (torch 2.13, bitsandbytes 0.50.2): FSDP2 turns Int8Params into plain parameters, and the first
+        # forward pass fails in Linear8bitLt.forward with "'Parameter' object has no attribute 'CB'".
+        raise InputError(
+            f"quantization.bits: {quantization.bits}-bit weights cannot be sharded by FSDP: it replaces bitsandbytes' "
+            "int8 parameters with plain ones and the 8-bit layers fail on the first step. FSDP + QLoRA is "
+            "supported with 4-bit weights only.",
+            hint="Use quantization.bits: 4 (under FSDP msov stores the packed 4-bit weights in "
+            "quantization.compute_dtype, as FSDP needs), or keep 8-bit with recipes/accelerate/ddp.yaml.")
+    if on_cuda is None:
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+    if on_cuda:
+        return None
+    # accelerate 1.15 (AcceleratorState.__init__ in accelerate/state.py) turns FSDP on only for accelerator
+    # device types; a CPU launch stays MULTI_CPU and the Trainer wraps the model in DDP instead.
+    return ("FSDP was asked for (ACCELERATE_USE_FSDP=true) but this machine has no GPU: accelerate runs it as "
+            "plain data parallel (DDP), every rank holding the whole model. The adapter is the same.")
+
+
+def place_for_training(model):
+    """Put the model on this rank's GPU before the Trainer would (it does so only when training starts), so that
+    the evaluation before training does not run, say, a 7B model on the CPU. bitsandbytes already placed a
+    quantized model; FSDP and DeepSpeed place (and shard) the weights themselves, from the CPU copy."""
+    import torch
+
+    if not torch.cuda.is_available() or fsdp_requested() or _deepspeed_requested():
+        return model
+    if getattr(model.config, "quantization_config", None) is not None:
+        return model
+    return model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def _deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def is_sharded(model) -> bool:
+    """Is `model` (or the module the Trainer wrapped it in) managed by FSDP 1 or 2?"""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return False
+
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
+
+
+def zero3_partitioned(model) -> bool:
+    """Are `model`'s parameters DeepSpeed ZeRO-3 partitions? Each rank then holds a slice of every parameter
+    (`param.data` is empty outside a forward pass), so reading or saving them needs a gather first."""
+    return any(hasattr(param, "ds_id") for param in model.parameters())
+
+
+def trained_tensors(model) -> dict:
+    """The trained (adapter) tensors by name, whole on every rank.
+
+    Under FSDP and DeepSpeed ZeRO-3 this gathers them (a collective: every rank must call it, in step) without
+    gathering the frozen base; elsewhere it is the parameters themselves. The names are PEFT's, as
+    `named_parameters` gives them.
+    """
+    if not is_sharded(model):
+        trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        if not zero3_partitioned(model):
+            return _whole({name: param.detach() for name, param in trained.items()})
+        import deepspeed
+
+        # ZeRO-3: gather only the trained tensors, on every rank, and copy them out before they are released
+        with deepspeed.zero.GatheredParameters(list(trained.values()), modifier_rank=None):
+            return _whole({name: param.detach().clone() for name, param in trained.items()})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    return _whole({name: tensor.detach() for name, tensor in get_model_state_dict(model, options=options).items()})
+
+
+def _whole(tensors: dict) -> dict:
+    """Refuse to go on with an adapter that is still a slice: an engine msov does not know sharded it (measured:
+    DeepSpeed ZeRO-3 before msov gathered it published 28 tensors of shape (0,), and PEFT only warned)."""
+    empty = [name for name, tensor in tensors.items() if tensor.numel() == 0]
+    if empty or not tensors:
+        raise MsovError(f"the trained adapter is not whole on this rank ({len(empty)} of {len(tensors)} tensors "
+                        f"are empty{', e.g. ' + empty[0] if empty else ''}): the distributed engine holds it in "
+                        "pieces msov cannot gather. Nothing was published.",
+                        hint="Use one of the configs in recipes/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO-2/3).")
+    return tensors
+
+
+@contextmanager
+def whole_root(model):
+    """Generation calls the inner model, not the root FSDP module whose hook would gather its own parameters
+    (embeddings, final norm, LM head): gather them for the duration. Layers below gather themselves."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

@@ -1,0 +1,137 @@
+"""Many processes, one voice: which rank this is, and agreeing on failure before any rank starts training.
+
+Under torchrun / accelerate launch every rank runs the same command on the same inputs. Checked alone, a bad
+recipe would print the same error once per rank, and an input only one rank cannot read (a multi-node run
+without a shared file system) would leave the others waiting inside the first collective until a timeout.
+`all_ranks_agree` runs the input checks on every rank, then exchanges the outcomes: if any rank failed, every
+rank stops, rank 0 reports the first failure (naming the rank when only some failed), and the others exit
+with the same code, silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from typing import Callable, TypeVar
+
+from ..errors import MsovError
+
+T = TypeVar("T")
+DDP_TIMEOUT_S = 1800  # transformers' TrainingArguments.ddp_timeout default
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes outputs and renders progress."""
+    return rank() == 0
+
+
+class StoppedWithPeers(MsovError):
+    """This rank stops because another rank failed; rank 0 prints that failure, this rank prints nothing."""
+
+    exit_code = 1
+    quiet = True
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def all_ranks_agree(check: Callable[[], T], fingerprint: Callable[[T], object] | None = None) -> T:
+    """Run `check` on every rank; raise on every rank if it raised on any (see the module docstring).
+
+    `fingerprint(result)` says what every rank must have found the same (the recipe, the data digests, the
+    checkpoint to resume from): a rank that differs from rank 0 would train something else or fall out of step.
+    """
+    if world_size() <= 1:
+        return check()
+    failure, result, mark = None, None, None
+    try:
+        result = check()
+        mark = fingerprint(result) if fingerprint else None
+    except MsovError as exc:
+        failure = {"rank": rank(), "exit_code": exc.exit_code, "message": exc.message, "hint": exc.hint}
+    except Exception as exc:  # noqa: BLE001 - an unreadable file on one node must stop the others too
+        failure = {"rank": rank(), "exit_code": 1, "message": f"unexpected {type(exc).__name__}: {exc}",
+                   "hint": None}
+    outcomes = _all_gather({"failure": failure, "fingerprint": mark})
+    failures = [o["failure"] for o in outcomes if o["failure"] is not None]
+    same_everywhere = len(failures) == len(outcomes) and len({f["message"] for f in failures}) == 1
+    if not failures:
+        differ = [r for r, o in enumerate(outcomes) if o["fingerprint"] != outcomes[0]["fingerprint"]]
+        if not differ:
+            return result
+        failures = [{"rank": r, "exit_code": 3, "hint": "Every rank must see the same recipe, data files and "
+                     "checkpoints (a shared file system, or identical copies on every node).",
+                     "message": "found different inputs than rank 0: "
+                                + _differences(outcomes[r]["fingerprint"], outcomes[0]["fingerprint"])}
+                    for r in differ]
+    first = min(failures, key=lambda f: f["rank"])
+    if not is_main_process():
+        raise StoppedWithPeers(f"rank {first['rank']} failed: {first['message']}", first["exit_code"])
+    where = "" if same_everywhere else (
+        f"rank {first['rank']} of {len(outcomes)}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+        + ": ")
+    error = MsovError(where + first["message"], hint=first["hint"])
+    error.exit_code = first["exit_code"]
+    raise error
+
+
+def _differences(mine, reference) -> str:
+    """Which named parts of two fingerprints differ, values shortened: 'checkpoint: None, rank 0: checkpoint-5'."""
+    def short(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    if not (isinstance(mine, dict) and isinstance(reference, dict)):
+        return f"{short(mine)}, rank 0: {short(reference)}"
+    return "; ".join(f"{key}: {short(mine.get(key))}, rank 0: {short(reference.get(key))}"
+                     for key in sorted(set(mine) | set(reference)) if mine.get(key) != reference.get(key))
+
+
+def _all_gather(value) -> list:
+    """Every rank's `value`, over the process group the Trainer will use (created here if not yet)."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    # The same initialisation the Trainer performs (gloo on CPU, NCCL on CUDA, the Trainer's default ddp_timeout):
+    # the Trainer reuses this group, so its timeout is the run's.
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+# What a surviving rank sees when a peer died: the failing rank has already said why. Only these texts: a
+# backend error of any other kind (bad NCCL interface, a CUDA fault inside a collective) is every rank's own.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Is this error of a multi-process run the echo of another rank's failure (a broken collective)?"""
+    return world_size() > 1 and any(marker in str(exc) for marker in _PEER_GONE)
+
+
+def tell_launcher(message: str) -> None:
+    """Put our one-line error where torchrun's failure summary looks (instead of "error_file: <N/A>")."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            # torch.distributed.elastic's own error-file layout; its summary shows "py_callstack" as the cause.
+            line = f"msov: {message}"
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, handle)
+    except OSError:
+        pass  # the launcher's summary is a courtesy; the error itself is already on stderr
