@@ -150,7 +150,8 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
     from ..trust.keys import check_signing_key, refuse_secrets
     from ..trust.oms import sign_folder
     from ..trust.provenance import write_provenance, write_statement
-    from .registry import base_license, check_target, copy_tokenizer, folder_digest, model_card, publish, staged
+    from .registry import base_license, copy_tokenizer, folder_digest, model_card
+    from .stage import check_target, publish, staged
 
     started = time.monotonic()
     if dtype is not None and dtype not in DTYPES:
@@ -235,7 +236,7 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
             digest = sign_folder(stage.folder, key, sig_path=stage.sig, known=merged["files"])["subject_digest"]
         else:
             digest = folder_digest(stage.folder, known=merged["files"])
-        sig = publish(stage, out, signed=bool(key), overwrite=overwrite)
+        sig = publish(stage.folder, out, overwrite=overwrite, sig=stage.sig if key else None, sig_beside=True)
     return {"status": "ok", "kind": "merged", "out": str(out), "sig": str(sig) if sig else None,
             "key_hint": key_hint, "subject_digest": digest, "adapter_id": adapter_id,
             "base_model": {"path": str(folder.path), "digest": facts["base_model_digest"]},

@@ -8,18 +8,15 @@ one rename publishes folder and signature together; `--out` exports keep msov's 
 from __future__ import annotations
 
 import base64
-import errno
 import json
-import os
 import re
 import shutil
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, UsageError
 from ..events import EventSink, no_events
 from .merged import TOKENIZER_FILES, Run, base_digest, base_folder, load_run
+from .stage import TargetExists, check_target, publish, staged  # noqa: F401 - check_target: re-exported until the split
 from .stream_merge import read_json as _read_json
 
 REGISTRY_SIG = "model.sig"
@@ -97,14 +94,13 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
             on_event("stage", {"text": "signing"})
         signed = sign_folder(stage.folder, key, sig_path=stage.sig) if key else None
         if registry is None:
-            sig = publish(stage, target, signed=bool(signed), overwrite=overwrite)
+            sig = publish(stage.folder, target, overwrite=overwrite, sig=stage.sig if signed else None,
+                          sig_beside=True)
         else:
             sig = target / REGISTRY_SIG if signed else None
             try:
-                os.rename(stage.folder, target)
-            except OSError as exc:  # another export published this version between our check and now
-                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
+                publish(stage.folder, target, overwrite=False)
+            except TargetExists:  # another export published this version between our check and now
                 return _existing(target, name, version, digest, base_id)
     return {"status": "published", "name": name, "version": version, "path": str(target), "adapter_id": digest,
             "sig": str(sig) if sig else None, "key_hint": key_hint, "base_model_digest": base_id,
@@ -214,78 +210,6 @@ def _bundle_facts(sig: Path) -> dict:
                 "subject_digest": statement["subject"][0]["digest"]["sha256"]}
     except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):
         return {}
-
-
-@dataclass
-class Stage:
-    root: Path  # TARGET.tmp-<pid>/: removed on any failure
-    folder: Path  # TARGET.tmp-<pid>/<TARGET name>/: signed under its final name (the OMS subject name)
-    sig: Path  # where sign_folder writes the signature before it is published
-
-
-@contextmanager
-def staged(target: Path, *, sig_inside: str | None = None):
-    """A folder to build an export in, beside the target; whatever is left of it is removed on failure."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stages(target)
-    root = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(root, ignore_errors=True)
-    (root / target.name).mkdir(parents=True)
-    folder = root / target.name
-    stage = Stage(root, folder, folder / sig_inside if sig_inside else root / f"{target.name}.sig")
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _remove_stale_stages(target: Path) -> None:
-    """Stages left by a killed export (its pid is gone) are removed; a live one belongs to a concurrent export."""
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def publish(stage: Stage, target: Path, *, signed: bool, overwrite: bool = False) -> Path | None:
-    """Rename the stage into place: the signature first, then the folder, so a folder at the target name is
-    never an unsigned leftover of a signed export. An old export is moved aside and removed after the swap."""
-    target = Path(target)
-    sig_target = target.with_name(target.name + ".sig")
-    old = None
-    if target.exists():
-        if not overwrite:
-            raise InputError(f"{target}: already exists.", hint="Pass --overwrite to replace it.")
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    if signed:
-        os.replace(stage.sig, sig_target)
-    else:
-        sig_target.unlink(missing_ok=True)  # a signature of something else must not sit beside the new folder
-    os.replace(stage.folder, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return sig_target if signed else None
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if Path(target).exists() and not overwrite:
-        raise InputError(f"{target}: already exists; msov never replaces an export unless asked.",
-                         hint="Pass --overwrite, or choose another --out.")
-    from ..guard.paths import refuse_foreign
-
-    refuse_foreign(target, what="--out")  # --overwrite replaces msov's own exports only
 
 
 def copy_tokenizer(base: Path, out: Path, recipe: dict) -> list[str]:
