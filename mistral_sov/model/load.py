@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, EnvironmentRefused, InputError, ModelFolderError
-from ..guard.env import require_local_model
+from ..guard.local import require_local_model
 from ..recipe import LoraSection, ModelSection, QuantizationSection
 from ..train.engine import fsdp_requested
 

@@ -81,7 +81,7 @@ def read_shapes(recipe: Recipe) -> Shapes:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..guard.env import require_local_model
+    from ..guard.local import require_local_model
     from .load import attach_lora, read_config
 
     folder = require_local_model(recipe.model.path)
