@@ -163,6 +163,8 @@ class RunRecord(_Part):
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{path}: not valid JSON ({exc}).") from None
+        except RecursionError:  # an edited file of nested brackets, not a record
+            raise InputError(f"{path}: not valid JSON (nested too deeply).") from None
         return cls.from_json(doc, source=str(path))
 
     def write(self, path: Path) -> None:

@@ -370,3 +370,22 @@ def test_merge_export_signs_only_what_training_sealed(cli, trained_run, keys, tm
     explained = cli("verify", tmp_path / "m", "--key", keys[1], "--explain")
     assert explained.exit_code == 0 and "sealed at training time" in explained.stdout
     assert "sealed at export time" in explained.stdout
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda record: record["train"].update(steps="two"), "field 'train.steps'"),
+    (lambda record: record.update(schema=2), "schema 2"),
+], ids=["wrong-type", "unknown-schema"])
+def test_a_run_json_that_does_not_parse_is_bad_input(cli, trained_run, tmp_path, edit, words):
+    """Issue 15: run.json is the typed run record; an edited one that does not parse is exit 3, naming file and
+    field, before any work."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    record = json.loads((run / "run.json").read_text())
+    edit(record)
+    (run / "run.json").write_text(json.dumps(record))
+    result = cli("export", run, "--adapter", "--out", tmp_path / "x", "--json")
+    assert result.exit_code == 3, result.output
+    error = json.loads(result.stdout)["error"]
+    assert str(run / "run.json") in error and words in error
+    assert not (tmp_path / "x").exists()

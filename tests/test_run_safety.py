@@ -9,7 +9,7 @@ import yaml
 from conftest import SAMPLES, small_recipe
 
 from mistral_sov.errors import InputError, Interrupted
-from mistral_sov.export.registry import check_target
+from mistral_sov.export.stage import check_target
 from mistral_sov.guard.paths import refuse_foreign, refuse_overlap
 from mistral_sov.recipe import load_recipe
 from mistral_sov.train.pipeline import finetune

@@ -62,7 +62,7 @@ def export(
         result = export_merged(run, out, dtype=dtype, shard_size=shard_size, key=key, base=base,
                                include_paths=include_paths, overwrite=overwrite, on_event=events, fmt=fmt)
     else:
-        from ..export.registry import export_adapter
+        from ..export.adapter import export_adapter
 
         result = export_adapter(run, out=out, registry=registry, version=version, name=name, key=key, base=base,
                                 include_paths=include_paths, overwrite=overwrite, on_event=events)

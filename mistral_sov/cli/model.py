@@ -20,7 +20,7 @@ def convert(
     as_json: bool = JsonOpt,
 ) -> None:
     """Turn a native Mistral folder into a Hugging Face one, streamed tensor by tensor."""
-    from ..export.registry import check_target, staged
+    from ..export.stage import check_target, staged
     from ..model.mistral_native import convert_native
 
     if out.resolve().is_relative_to(native.resolve()):

@@ -1,6 +1,6 @@
-"""Export: the run an export starts from, and the merged-model export job (`msov export RUN --merge`).
+"""The merged export (`msov export RUN --merge --out OUT`): base + adapter as one standard model folder.
 
-The job checks everything first (run, adapter, base, target, key), has `merge.merge_into` stream the merged
+The job checks everything first (run, adapter, base, target, key), has `stream_merge.merge_into` stream the merged
 weights into a stage beside the target, adds what makes the folder a loadable model (config, tokenizer), its
 provenance and card, signs it, and renames it into place: a crashed export leaves nothing that verifies.
 """
@@ -10,148 +10,27 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError, ModelFolderError, UsageError
+from ..errors import ModelFolderError, UsageError
 from ..events import EventSink, no_events
-from .stream_merge import check_adapter_config, merge_into, parse_size, read_json, weight_files
+from .card import base_license, copy_tokenizer, model_card
+from .source import base_digest, base_folder, check_base_unchanged, load_run, training_seal
+from .stage import check_target, publish, staged
+from .stream_merge import check_adapter_config, merge_into, parse_size, weight_files
 
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tekken.json", "chat_template.jinja",
-                   "chat_template.json")
 
-
-# --- the run an export starts from ---------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    path: Path
-    adapter_dir: Path
-    summary: dict = field(default_factory=dict)  # run.json ({} for a bare adapter folder)
-    recipe: dict = field(default_factory=dict)  # recipe.yaml, resolved
-    adapter_config: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.summary.get("name") or self.recipe.get("name") or self.path.name
-
-    def provenance_input(self) -> dict:
-        """What provenance.write_provenance wants: run.json plus the resolved recipe."""
-        return {**self.summary, "recipe": self.recipe or None}
-
-
-def load_run(path: Path) -> Run:
-    """A finished run folder (adapter/, run.json, recipe.yaml) or a bare PEFT adapter folder."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_dir():
-        hint = "An unfinished run lives in RUN.partial/ until it is done." if path.with_name(
-            path.name + ".partial").is_dir() else None
-        raise InputError(f"{path}: no such run folder.", hint=hint)
-    adapter_dir = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise InputError(f"{path}: neither a run folder (adapter/adapter_config.json) nor an adapter folder "
-                         f"(adapter_config.json).", hint="Pass the folder `msov finetune` wrote (output.dir).")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise InputError(f"{adapter_dir}: no adapter_model.safetensors (msov exports safetensors adapters only).")
-    for item in (path / "run.json", path / "recipe.yaml"):
-        if item.is_symlink():
-            raise InputError(f"{item}: is a symbolic link; msov reads a run's own record only.")
-    run = Run(path=path, adapter_dir=adapter_dir, adapter_config=read_json(config_file))
-    if (path / "run.json").is_file():
-        run.summary = read_json(path / "run.json")
-    if (path / "recipe.yaml").is_file():
-        run.recipe = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    return run
-
-
-def base_folder(run: Run, override: Path | None = None, *, need_weights: bool = True):
-    """The base model folder the adapter was trained on: --base, else run.json, else adapter_config.json."""
-    from ..guard.env import require_local_model
-    from ..model.load import inspect_model_folder
-
-    ref = override or (run.summary.get("base_model") or {}).get("path") \
-        or run.adapter_config.get("base_model_name_or_path")
-    if not ref:
-        raise InputError(f"{run.path}: the run names no base model folder.", hint="Pass --base MODEL_DIR.")
-    require_local_model(ref, field="base model (--base, or run.json base_model.path)")
-    return inspect_model_folder(str(ref), need_weights=need_weights)
-
-
-def check_base_unchanged(folder, run: Run, names: list[str]) -> None:
-    """The base files the export reads must be the files the run trained on (run.json's sha256 of each)."""
-    from ..trust.hashing import hash_files
-
-    recorded = (run.summary.get("base_model") or {}).get("files") or {}
-    if not recorded:
-        return  # a bare adapter folder: nothing to compare with (the provenance says so)
-    missing = [n for n in names if n not in recorded]
-    actual = dict(zip(names, hash_files([folder.path / n for n in names])))
-    changed = [n for n in names if n in recorded and recorded[n] != actual[n]]
-    if missing or changed:
-        what = "; ".join(filter(None, [f"changed since training: {', '.join(changed)}" if changed else "",
-                                       f"not in the base the run used: {', '.join(missing)}" if missing else ""]))
-        raise ModelFolderError(f"{folder.path}: is not the base model the run trained on ({what}).",
-                               hint="Point --base at the exact folder the run used (run.json: base_model.files).")
-
-
-def base_digest(files: dict[str, str]) -> str | None:
-    """The base model's OMS subject digest, from {relative name: sha256} (run.json base_model.files)."""
-    from ..trust.hashing import sort_key, subject_digest
-
-    return subject_digest(files[n] for n in sorted(files, key=sort_key)) if files else None
-
-
-def training_seal(run: Run) -> tuple[dict | None, dict | None]:
-    """The training run's own record (ADAPTER/msov/provenance.json, written at training time, bound to the adapter
-    weights by their digests and covered by adapter.sig when the run was signed) and how it was sealed. run.json
-    is only a copy: one whose training claims differ from the record is refused (exit 4)."""
-    import hashlib
-
-    from ..errors import VerificationError
-    from ..trust.hashing import hash_files
-    from ..trust.provenance import PROVENANCE_PATH, build_statement, check_provenance, parse_provenance, sealed_claims
-
-    record = run.adapter_dir / PROVENANCE_PATH
-    if not record.is_file():
-        if run.summary:
-            raise VerificationError(f"{record}: missing; the run's claims (run.json) are not sealed by training.")
-        return None, None
-    data = record.read_bytes()
-    trained = parse_provenance(data, record, error=VerificationError)
-    weights = {s.get("name"): None for s in trained.get("subject") or []}
-    on_disk = dict(zip(weights, hash_files([run.adapter_dir / str(n) for n in weights]))) \
-        if all((run.adapter_dir / str(n)).is_file() for n in weights) else {}
-    problems = check_provenance(trained, on_disk)
-    if problems:
-        raise VerificationError(f"{record}: " + "; ".join(problems) + " (the adapter is not the one training "
-                                f"sealed).")
-    if run.summary and sealed_claims(build_statement(run.provenance_input(), on_disk)) != sealed_claims(trained):
-        raise VerificationError(f"{run.path / 'run.json'}: its training claims (datasets, base model files, recipe "
-                                f"digest, seed or metrics) differ from what training sealed in {record}.",
-                                hint="run.json was edited after training; export from an untouched run folder.")
-    sig = run.path / "adapter.sig"
-    signed = (run.summary.get("signature") or {}).get("key_hint") if sig.is_file() else None
-    return trained, {"record": PROVENANCE_PATH, "record_sha256": hashlib.sha256(data).hexdigest(),
-                     "signed_at_training": bool(signed), "training_key_hint": signed}
-
-
-# --- the merged export ---------------------------------------------------------------------------------------
 
 def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_size: str | int = "5GB",
                   key: Path | None = None, base: Path | None = None, include_paths: bool = False,
                   overwrite: bool = False, on_event: EventSink = no_events, fmt: str = "hf") -> dict:
     """`msov export RUN --merge --out OUT`: base + adapter as one standard Hugging Face folder (signed: OUT.sig)."""
+    from ..trust.hashing import folder_digest
     from ..trust.keys import check_signing_key, refuse_secrets
     from ..trust.oms import sign_folder
     from ..trust.provenance import write_provenance, write_statement
-    from .registry import base_license, copy_tokenizer, folder_digest, model_card
-    from .stage import check_target, publish, staged
 
     started = time.monotonic()
     if dtype is not None and dtype not in DTYPES:
@@ -204,11 +83,10 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
 
         # 5. provenance (what went in, and how it was merged) and the card
         quant = run.recipe.get("quantization")
-        adapter_id = run.summary.get("adapter_digest") or folder_digest(run.adapter_dir)
-        base_files = (run.summary.get("base_model") or {}).get("files") or {}
+        adapter_id = (run.record.adapter_digest if run.record else None) or folder_digest(run.adapter_dir)
         facts = {
             "kind": "merged", "method": "streamed per tensor", "adapter_id": adapter_id,
-            "base_model_digest": base_digest(base_files), "dtype": dtype or "as stored in the base",
+            "base_model_digest": base_digest(run.base_files), "dtype": dtype or "as stored in the base",
             "merged_into": "full-precision base weights from the local base folder"
                            + (f"; the adapter was trained against a {quant.get('bits')}-bit "
                               f"{quant.get('quant_type')} quantization of them" if quant else ""),
@@ -216,7 +94,7 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
             "lora": {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")},
         }
         if trained is None:  # a bare adapter: only export-time facts, and the provenance says so
-            write_provenance(stage.folder, run.provenance_input(), weight_digests=merged["files"], export=facts)
+            write_provenance(stage.folder, run.record, run.recipe or None, weight_digests=merged["files"], export=facts)
         else:  # every training claim copied from what training sealed, never from the editable run.json
             statement = json.loads(json.dumps(trained))
             statement["subject"] = [{"name": n, "digest": {"sha256": d}} for n, d in sorted(merged["files"].items())]

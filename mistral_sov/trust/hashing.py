@@ -134,11 +134,26 @@ def sort_key(name: str) -> tuple[str, ...]:
 
 
 def build_manifest(folder: str | Path, *, ignore: Iterable[str] = DEFAULT_IGNORE,
-                   error: type[MsovError] = InputError, workers: int | None = None) -> list[dict]:
+                   error: type[MsovError] = InputError, workers: int | None = None,
+                   known: dict[str, str] | None = None) -> list[dict]:
     """[{name, digest, size}] for every file of the folder, in OMS resource order."""
-    files = list_files(folder, ignore=ignore, error=error)
-    digests = hash_files([f.path for f in files], workers=workers)
-    return [{"name": f.name, "digest": d, "size": f.size} for f, d in zip(files, digests)]
+    return manifest_of(list_files(folder, ignore=ignore, error=error), known=known, workers=workers)
+
+
+def manifest_of(files: Sequence[FileEntry], *, known: dict[str, str] | None = None,
+                workers: int | None = None) -> list[dict]:
+    """[{name, digest, size}] of listed files. `known` ({name: sha256}) is for a caller that hashed the very bytes
+    it just wrote (the merge): those files are not read again. Verification never trusts it."""
+    known = known or {}
+    todo = [f for f in files if f.name not in known]
+    digests = {**dict(zip((f.name for f in todo), hash_files([f.path for f in todo], workers=workers))), **known}
+    return [{"name": f.name, "digest": digests[f.name], "size": f.size} for f in files]
+
+
+def folder_digest(folder: str | Path, *, ignore: Iterable[str] = DEFAULT_IGNORE,
+                  known: dict[str, str] | None = None) -> str:
+    """A folder's OMS subject digest (what its signature's subject would be): an export's or adapter's id."""
+    return subject_digest(f["digest"] for f in build_manifest(folder, ignore=ignore, known=known))
 
 
 def subject_digest(digests: Iterable[str]) -> str:

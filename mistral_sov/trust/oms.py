@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 
 from ..errors import InputError, VerificationError
-from .hashing import DEFAULT_IGNORE, compare_manifests, hash_files, list_files, printable, subject_digest, write_atomic
+from .hashing import (DEFAULT_IGNORE, compare_manifests, hash_files, list_files, manifest_of, printable, subject_digest,
+                      write_atomic)
 from .keys import HASH_FOR_CURVE, is_within, key_hint, load_private_key, load_public_key, refuse_secrets
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -60,9 +61,7 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
     if unsafe:  # verify refuses such a name, so a signature over it could never pass
         raise InputError(f"{folder}: '{printable(unsafe[0])}' cannot be signed: a signed name holds no backslash "
                          f"(a path separator on Windows) and no control character.", hint="Rename the file.")
-    todo = [f for f in listed if f.name not in known]
-    digests = {**dict(zip((f.name for f in todo), hash_files([f.path for f in todo]))), **known}
-    files = [{"name": f.name, "digest": digests[f.name], "size": f.size} for f in listed]
+    files = manifest_of(listed, known=known)
     if not files:
         raise InputError(f"{folder}: the folder holds no files to sign.")
     statement = make_statement(root.name, files, ignore)
@@ -237,6 +236,18 @@ def _check_statement(payload: bytes, sig_path: Path, *, allowed_ignore: list[str
         raise bad(f"is inconsistent: the subject digest is {subjects[0]['digest']['sha256'][:16]}… but the "
                   f"listed files hash to {recomputed[:16]}…")
     return statement
+
+
+def bundle_claims(sig_path: Path) -> dict:
+    """{"key_hint", "subject_digest"} a signature bundle claims, nothing verified ({} when unreadable): enough to
+    list a registry entry's signer, or to see that its folder changed since signing."""
+    try:
+        bundle = json.loads(Path(sig_path).read_bytes())
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        return {"key_hint": bundle["verificationMaterial"]["publicKey"]["hint"],
+                "subject_digest": statement["subject"][0]["digest"]["sha256"]}
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError):
+        return {}
 
 
 def _read_bundle(sig_path: Path) -> dict:

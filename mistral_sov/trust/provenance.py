@@ -4,7 +4,7 @@ folder (`msov/provenance.json`) so that the folder's one signature covers it.
 The subject is the weight files with their sha256; the predicate records the base model files and data files
 with their digests (resolvedDependencies), the resolved recipe and its digest and the seed (externalParameters),
 the library versions (builder.version), the machine (internalParameters), start and finish times (metadata) and
-the final metrics (byproducts). It is built from the run summary that `finetune` writes to run.json.
+the final metrics (byproducts). It is built from the run's record (record.RunRecord, what run.json holds).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote
 
+from pydantic import BaseModel
+
 from ..errors import InputError, MsovError
+from ..record import RunRecord
 from .hashing import hash_files, list_files, write_atomic
 
 PROVENANCE_PATH = "msov/provenance.json"
@@ -27,28 +30,37 @@ BUILDER_ID = "urn:msov:builder:local"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def write_provenance(folder: Path, run: dict, *, weight_digests: dict[str, str] | None = None,
-                     export: dict | None = None) -> Path:
-    """Write FOLDER/msov/provenance.json (atomically) from a run.json-like summary.
+def write_provenance(folder: Path, record: RunRecord | dict | None, recipe: dict | None = None, *,
+                     weight_digests: dict[str, str] | None = None, export: dict | None = None) -> Path:
+    """Write FOLDER/msov/provenance.json (atomically) from the run's record and its resolved recipe.
 
-    `run` may also carry "recipe" (the resolved recipe as a dict) and "hardware"; hardware defaults to this
-    machine. `weight_digests` ({relative name: sha256}) spares hashing the weights again when the caller has them.
-    `export` (how an export made the weights: what was merged, into which base, in which dtype) is recorded as
-    externalParameters.export.
+    `record` is None for a bare PEFT adapter (only what the export knows is recorded). `weight_digests`
+    ({relative name: sha256}) spares hashing the weights again when the caller has them. `export` (how an export
+    made the weights: what was merged, into which base, in which dtype) is recorded as externalParameters.export.
     """
     folder = Path(folder)
+    if isinstance(record, dict):  # transition: a run.json-like dict with "recipe" inside (train/finish.py)
+        record, recipe = _legacy_record(record), record.get("recipe")
     if weight_digests is None:
         weight_digests = _hash_weights(folder)
     if not weight_digests:
         raise InputError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to describe in provenance.")
-    return write_statement(folder, build_statement(run, weight_digests, export))
+    return write_statement(folder, build_statement(record, recipe, weight_digests, export))
 
 
-def build_statement(run: dict, weight_digests: dict[str, str], export: dict | None = None) -> dict:
-    base = run.get("base_model") or {}
-    data = run.get("data") or {}
-    versions = run.get("versions") or {}
-    statement = {
+def _legacy_record(run: dict) -> RunRecord:
+    """The record a pre-RunRecord caller described as a dict; the adapter's digest is not known yet when
+    provenance is written (the provenance is part of what it digests), and the statement does not hold it."""
+    facts = {key: value for key, value in run.items() if key not in ("recipe", "hardware")}
+    return RunRecord.from_json({"adapter_digest": "", **facts}, source="provenance input")
+
+
+def build_statement(record: RunRecord | None, recipe: dict | None, weight_digests: dict[str, str],
+                    export: dict | None = None) -> dict:
+    """The in-toto Statement for weights made by the run `record` describes (None: a bare adapter, no run)."""
+    base = record.base_model if record else None
+    versions = record.versions if record else {}
+    return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": name, "digest": {"sha256": digest}} for name, digest in sorted(weight_digests.items())],
         "predicateType": PREDICATE_TYPE,
@@ -56,32 +68,41 @@ def build_statement(run: dict, weight_digests: dict[str, str], export: dict | No
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
                 "externalParameters": {
-                    "recipe": run.get("recipe"),
-                    "recipe_digest": run.get("recipe_digest"),
-                    "seed": run.get("seed"),
-                    "name": run.get("name"),
-                    "base_model": {"path": base.get("path"), "architecture": base.get("architecture")},
+                    "recipe": recipe,
+                    "recipe_digest": record.recipe_digest if record else None,
+                    "seed": record.seed if record else None,
+                    "name": record.name if record else None,
+                    "base_model": {"path": base.path if base else None,
+                                   "architecture": base.architecture if base else None},
                     **({"export": export} if export is not None else {}),
                 },
                 "internalParameters": {
                     "python": versions.get("python", platform.python_version()),
                     "platform": versions.get("platform", platform.platform()),
-                    "hardware": run.get("hardware") or hardware(),
-                    "data_scan": data.get("scan"),
+                    "hardware": hardware(),
+                    "data_scan": _json(record.data.scan) if record else None,
                 },
-                "resolvedDependencies": _dependencies(base, data),
+                "resolvedDependencies": _dependencies(record),
             },
             "runDetails": {
                 "builder": {"id": BUILDER_ID, "version": {k: v for k, v in versions.items() if v is not None}},
-                "metadata": {"invocationId": run.get("name"), "startedOn": run.get("started_at"),
-                             "finishedOn": run.get("finished_at")},
+                "metadata": {"invocationId": record.name if record else None,
+                             "startedOn": record.started_at if record else None,
+                             "finishedOn": record.finished_at if record else None},
                 "byproducts": [{"name": "metrics", "annotations": {
-                    "train": run.get("train"), "eval": run.get("eval"), "tokens": run.get("tokens"),
-                    "parameters": run.get("parameters")}}],
+                    "train": _json(record.train) if record else None,
+                    "eval": _json(record.eval) if record else None,
+                    "tokens": _json(record.tokens) if record else None,
+                    "parameters": _json(record.parameters) if record else None}}],
             },
         },
     }
-    return statement
+
+
+def _json(part: BaseModel) -> dict:
+    """A part of the record as run.json holds it (every field, defaults included): the statement's bytes then do
+    not depend on how the record was built."""
+    return part.model_dump(mode="json", by_alias=True)
 
 
 def write_statement(folder: Path, statement: dict) -> Path:
@@ -176,19 +197,21 @@ def hardware() -> dict:
     return info
 
 
-def _dependencies(base: dict, data: dict) -> list[dict]:
+def _dependencies(record: RunRecord | None) -> list[dict]:
     """in-toto ResourceDescriptors of every input file: base model files, then each dataset file."""
+    if record is None:
+        return []
     deps = []
-    base_path = base.get("path")
-    for name, digest in sorted((base.get("files") or {}).items()):
+    base_path = record.base_model.path
+    for name, digest in sorted(record.base_model.files.items()):
         deps.append({"name": f"base_model/{name}", "uri": _uri(Path(base_path) / name) if base_path else None,
                      "digest": {"sha256": digest}, "annotations": {"role": "base_model"}})
-    for split in ("train", "eval"):
-        for item in data.get(split) or []:
-            deps.append({"name": f"data/{split}/{Path(item['path']).name}", "uri": _uri(Path(item["path"])),
-                         "digest": {"sha256": item["sha256"]},
-                         "annotations": {"role": "dataset", "split": split, "rows": item.get("rows"),
-                                         "format": item.get("format")}})
+    for split, files in (("train", record.data.train), ("eval", record.data.eval)):
+        for item in files:
+            deps.append({"name": f"data/{split}/{Path(item.path).name}", "uri": _uri(Path(item.path)),
+                         "digest": {"sha256": item.sha256},
+                         "annotations": {"role": "dataset", "split": split, "rows": item.rows,
+                                         "format": item.format}})
     return [{k: v for k, v in d.items() if v is not None} for d in deps]
 
 
