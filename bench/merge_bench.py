@@ -54,10 +54,11 @@ print(layers)
 
 STREAMED = IMPORTS + """
 import sys, time
-from mistral_sov.export.stream_merge import merge_into, parse_size
+from mistral_sov.export.stream_merge import merge_into
+from mistral_sov.sizes import parse_size
 base, adapter, out, shard = sys.argv[1:5]
 started = time.monotonic()
-merge_into(base, adapter, out, shard_size=parse_size(shard))
+merge_into(base, adapter, out, shard_size=parse_size(shard, option="--shard-size"))
 print(time.monotonic() - started)
 """
 

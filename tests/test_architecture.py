@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mistral_sov"
 
 # Lower numbers sit lower in the lifecycle; an import may point to its own layer or below, never above.
 LAYERS = {
-    "mistral_sov": 0, "errors": 0, "events": 0,
+    "mistral_sov": 0, "errors": 0, "events": 0, "sizes": 0,
     "guard": 1,
     "recipe": 2, "record": 2,
     "trust": 3,

@@ -19,7 +19,8 @@ import yaml
 from conftest import small_recipe
 
 from mistral_sov.errors import UsageError
-from mistral_sov.export.stream_merge import merge_into, parse_size
+from mistral_sov.export.stream_merge import merge_into
+from mistral_sov.sizes import parse_size
 
 MSOV = [sys.executable, "-m", "mistral_sov"]
 
@@ -102,7 +103,7 @@ def test_streamed_merge_equals_merge_and_unload(model, lora, shard, tiny_model, 
     out = tmp_path / "merged"
     out.mkdir()
     shutil.copy(base / "config.json", out / "config.json")
-    result = merge_into(base, adapter, out, shard_size=parse_size(shard))
+    result = merge_into(base, adapter, out, shard_size=parse_size(shard, option="--shard-size"))
     assert result["merged"] > 0
 
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
@@ -137,11 +138,11 @@ def test_bf16_output_is_the_fp32_merge_rounded(sharded_model, tmp_path):
 
 
 def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("500MiB") == 500 * 2**20
-    assert parse_size("1024") == 1024
+    assert parse_size("5GB", option="--shard-size") == 5 * 10**9
+    assert parse_size("500MiB", option="--shard-size") == 500 * 2**20
+    assert parse_size("1024", option="--shard-size") == 1024
     with pytest.raises(UsageError, match="--shard-size"):
-        parse_size("lots")
+        parse_size("lots", option="--shard-size")
 
 
 def test_merge_export_is_a_signed_standard_folder(cli, trained_run, keys, tmp_path):

@@ -91,18 +91,24 @@ def test_plan_needs_only_config_json(cli, tmp_path):
     folder = tmp_path / "config-only"
     folder.mkdir()
     (folder / "config.json").write_text((SHAPES / "mistral-7b-v0.1" / "config.json").read_text())
-    report = plan_json(cli, RECIPES / "mistral-7b-lora.yaml", "--set", f"model.path={folder}", "--gpu-mem", "80")
+    report = plan_json(cli, RECIPES / "mistral-7b-lora.yaml", "--set", f"model.path={folder}", "--gpu-mem", "80GiB")
     assert report["parameters"]["total"] == PUBLISHED["mistral-7b-v0.1"] and report["budget"]["bytes"] == 80 * GiB
 
 
 def test_gpu_mem_sizes_and_refusal(cli):
-    from mistral_sov.model.memory import parse_size
+    from mistral_sov.sizes import parse_size
 
-    assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == parse_size("24") == 24 * GiB
-    assert parse_size("16000MB") == 16000 * 1024**2 and parse_size("1.5T") == int(1.5 * 1024**4)
+    def gpu_mem(text):  # one meaning of GB everywhere (10^9, as transformers reads it); GiB is 2^30
+        return parse_size(text, option="--gpu-mem", unit_required=True)
+
+    assert gpu_mem("24GiB") == 24 * GiB and gpu_mem("24GB") == gpu_mem("24g") == 24 * 10**9
+    assert gpu_mem("16000MiB") == 16000 * 1024**2 and gpu_mem("1.5TiB") == int(1.5 * 1024**4)
     result = cli("plan", RECIPES / "mistral-7b-lora.yaml", "--set", f"model.path={SHAPES / 'mistral-7b-v0.1'}",
                  "--gpu-mem", "lots")
-    assert result.exit_code == 3 and "--gpu-mem" in result.stderr and "24GB" in result.stderr
+    assert result.exit_code == 2 and "--gpu-mem" in result.stderr and "24GB" in result.stderr
+    bare = cli("plan", RECIPES / "mistral-7b-lora.yaml", "--set", f"model.path={SHAPES / 'mistral-7b-v0.1'}",
+               "--gpu-mem", "24")
+    assert bare.exit_code == 2 and "--gpu-mem" in bare.stderr and "give the unit" in bare.stderr
 
 
 def test_default_budget_is_this_machine(cli):

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..errors import ModelFolderError, UsageError
 from ..events import EventSink, no_events
+from ..sizes import parse_size
 from .card import base_license, copy_tokenizer, model_card
 from .source import base_digest, base_folder, check_base_unchanged, load_run, training_seal
 from .stage import check_target, publish, staged
-from .stream_merge import check_adapter_config, merge_into, parse_size, weight_files
+from .stream_merge import check_adapter_config, merge_into, weight_files
 
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _CONFIG_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -35,7 +36,7 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
     started = time.monotonic()
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}.")
-    size, out = parse_size(shard_size), Path(out)
+    size, out = parse_size(shard_size, option="--shard-size"), Path(out)
 
     # 1. the run, its adapter, the base it was trained on, the target and the key: all checked before any work
     run = load_run(run_path)

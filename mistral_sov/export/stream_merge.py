@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import InputError, ModelFolderError, UsageError
+from ..errors import InputError, ModelFolderError
 from ..events import EventSink, no_events
 
 _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -33,17 +32,6 @@ _LORA_SUFFIXES = ((".lora_A.weight", "A", "linear"), (".lora_B.weight", "B", "li
 _UNSUPPORTED = ("fan_in_fan_out", "use_qalora", "trainable_token_indices", "layer_replication", "target_parameters",
                 "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config",
                 "velora_config", "megatron_config")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' (10^9), '500MiB' (2^20), '1024' (bytes) -> bytes."""
-    match = _SIZE.match(str(text))
-    if not match or float(match.group(1)) <= 0:
-        raise UsageError(f"--shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB.")
-    unit = match.group(2).upper()
-    base = 1024 if (match.group(3) or "").upper() == "IB" else 1000
-    return int(float(match.group(1)) * base ** " KMGT".index(unit or " "))
 
 
 def read_json(path: Path) -> dict:

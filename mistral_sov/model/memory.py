@@ -22,8 +22,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, ModelFolderError
+from ..errors import ModelFolderError
 from ..recipe import Recipe
+from ..sizes import parse_size
 
 GiB = 1024**3
 # CUDA context, cuBLAS workspaces and the caching allocator's fragmentation of the step's short-lived tensors:
@@ -61,19 +62,6 @@ class Shapes:
     lora_inputs: dict  # per layer: input group -> features per token LoRA layers save (one copy per group)
     lora_features: float  # per layer: sum of the LoRA-wrapped projections' input features
     lora_ranks: float  # per layer: sum of their ranks
-
-
-def parse_size(text: str | int | float | None) -> int | None:
-    """'24GB', '24GiB', '24G', '24000MB', '80' (GB) -> bytes. GB means GiB here, as GPU memory is quoted."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(float(text) * GiB)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
-    if not match:
-        raise InputError(f"--gpu-mem: '{text}' is not a memory size.", hint="Write it like 24GB, 80GiB or 16000MB.")
-    value, unit = float(match.group(1)), match.group(2).upper()
-    if not unit and match.group(3):
-        return int(value)  # plain bytes: "1000B"
-    return int(value * 1024 ** ("KMGT".index(unit or "G") + 1))
 
 
 def read_shapes(recipe: Recipe) -> Shapes:
@@ -328,7 +316,8 @@ def plan_recipe(recipe: Recipe, *, gpu_mem: str | int | None = None) -> dict:
 
     enforce_offline_env()
     shapes = read_shapes(recipe)
-    budget, source = (parse_size(gpu_mem), "--gpu-mem") if gpu_mem is not None else default_budget()
+    budget, source = (parse_size(gpu_mem, option="--gpu-mem", unit_required=True), "--gpu-mem") \
+        if gpu_mem is not None else default_budget()
     est = estimate(shapes, recipe)
     fits = est["with_runtime"] <= budget
     q = recipe.quantization
