@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import InputError
+from .errors import InputError, MsovError
 
 SCHEMA = 1  # bump when a field changes meaning; from_json refuses records it cannot read
 
@@ -158,17 +158,27 @@ class RunRecord(_Part):
 
     @classmethod
     def read(cls, path: Path) -> "RunRecord":
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: not valid JSON ({exc}).") from None
-        except RecursionError:  # an edited file of nested brackets, not a record
-            raise InputError(f"{path}: not valid JSON (nested too deeply).") from None
-        return cls.from_json(doc, source=str(path))
+        return cls.from_json(read_json(path), source=str(path))
 
     def write(self, path: Path) -> None:
         Path(path).write_text(self.dumps(), encoding="utf-8")
+
+
+def read_json(path: Path, *, error: type[MsovError] = InputError) -> dict:
+    """A JSON object from a file msov reads as a record (run.json, adapter_config.json, an index), or `error`
+    naming the file (and the line) when it is not UTF-8 JSON holding an object."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    except RecursionError:  # an edited file of nested brackets, not a record
+        raise error(f"{path}: not valid JSON (nested too deeply).") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected a JSON object, found {type(doc).__name__}.")
+    return doc
 
 
 class RankResult(_Part):

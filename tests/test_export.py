@@ -390,3 +390,15 @@ def test_a_run_json_that_does_not_parse_is_bad_input(cli, trained_run, tmp_path,
     error = json.loads(result.stdout)["error"]
     assert str(run / "run.json") in error and words in error
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("config, words", [(b"[1]", "expected a JSON object"), (b"\xff\xfe{}", "not UTF-8")])
+def test_an_adapter_config_that_is_no_json_object_is_bad_input(cli, tmp_path, config, words):
+    """Found in issue 15: a list, or bytes that are not UTF-8, ended in an unexpected error (exit 1)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_bytes(config)
+    (run / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    result = cli("export", run, "--adapter", "--out", tmp_path / "x", "--json")
+    assert result.exit_code == 3, result.output
+    assert "adapter_config.json" in json.loads(result.stdout)["error"] and words in result.stdout

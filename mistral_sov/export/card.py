@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+from ..record import read_json
 from .source import Run
-from .stream_merge import read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tekken.json", "chat_template.jinja",

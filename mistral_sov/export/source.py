@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, ModelFolderError
-from ..record import RunRecord
-from .stream_merge import read_json
+from ..record import RunRecord, read_json
 
 
 @dataclass

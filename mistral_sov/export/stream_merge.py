@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import InputError, ModelFolderError
 from ..events import EventSink, no_events
+from ..record import read_json
 
 _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -32,14 +33,6 @@ _LORA_SUFFIXES = ((".lora_A.weight", "A", "linear"), (".lora_B.weight", "B", "li
 _UNSUPPORTED = ("fan_in_fan_out", "use_qalora", "trainable_token_indices", "layer_replication", "target_parameters",
                 "alora_invocation_tokens", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config",
                 "velora_config", "megatron_config")
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file's content; InputError naming the file and line when it is not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
 
 
 def check_adapter_config(config: dict, where: Path) -> dict:
