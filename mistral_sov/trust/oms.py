@@ -19,10 +19,10 @@ from ..errors import InputError, VerificationError
 from .hashing import (DEFAULT_IGNORE, compare_manifests, hash_files, list_files, manifest_of, printable, subject_digest,
                       write_atomic)
 from .keys import HASH_FOR_CURVE, is_within, key_hint, load_private_key, load_public_key, refuse_secrets
+from .provenance import PROVENANCE_PATH, STATEMENT_TYPE, check_provenance, parse_provenance
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 _HEX64 = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: no trailing newline slips through
 
@@ -125,8 +125,6 @@ def verify_folder(folder: Path, pub_path: Path, *, sig_path: Path | None = None)
     Raises VerificationError naming the first thing wrong (bundle, key, signature, statement) or every file that
     differs (changed, added, removed, renamed). Returns a report: files, subject digest, key, provenance.
     """
-    from .provenance import PROVENANCE_PATH, check_provenance, parse_provenance
-
     folder = Path(folder)
     root = folder.resolve()
     if not folder.is_dir():
