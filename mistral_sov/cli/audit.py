@@ -1,20 +1,14 @@
-"""CLI commands for auditors and signers: keygen, sign, verify, manifest show (registered on the main app).
-
-Heavy imports (cryptography, rich) happen inside commands only, so `msov --help` stays fast.
-"""
+"""`msov keygen`, `sign`, `verify`, `reproduce`, `manifest show`: the commands of signers and auditors."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import JsonOpt, _console, app, command
-
-manifest_app = typer.Typer(help="Look at an output folder's file list and digests.", no_args_is_help=True)
-app.add_typer(manifest_app, name="manifest")
+from . import show
+from .base import JsonOpt, command, emit, events, manifest_app
 
 
 @command()
@@ -26,26 +20,15 @@ def keygen(
     as_json: bool = JsonOpt,
 ) -> None:
     """Make an ECDSA key pair for signing outputs (the passphrase, if any, from $MSOV_KEY_PASSPHRASE or a prompt)."""
-    from ..trust.keys import PASSPHRASE_ENV, generate_keypair, key_hint, load_public_key, passphrase_from_env
+    from ..trust.keys import generate_keypair, key_hint, load_public_key, passphrase_from_env
 
     # Never a CLI argument: argv is visible to every user of the machine and lands in shell history.
     passphrase = passphrase_from_env()
     if passphrase is None and prompt:
         passphrase = typer.prompt("passphrase", hide_input=True, confirmation_prompt=True).encode("utf-8")
     private, public = generate_keypair(out, curve=curve, passphrase=passphrase)
-    result = {"status": "ok", "private_key": str(private), "public_key": str(public), "curve": curve,
-              "encrypted": bool(passphrase), "key_hint": key_hint(load_public_key(public))}
-    if as_json:
-        print(json.dumps(result))
-        return
-    console = _console(stderr=False)
-    console.print(f"private key  {private}  (mode 0600{', encrypted' if passphrase else ''}; keep it secret, "
-                  f"outside every output folder)")
-    console.print(f"public key   {public}  (give this to auditors)")
-    console.print(f"fingerprint  SHA256:{result['key_hint']}")
-    if not passphrase:
-        console.print(f"[dim]the private key is not encrypted; set {PASSPHRASE_ENV} or pass --passphrase-prompt "
-                      f"to encrypt it[/]")
+    emit({"status": "ok", "private_key": str(private), "public_key": str(public), "curve": curve,
+          "encrypted": bool(passphrase), "key_hint": key_hint(load_public_key(public))}, show.print_keygen)
 
 
 @command()
@@ -61,14 +44,7 @@ def sign(
     if out is not None:
         check_signature_target(out, folder, key)
     result = sign_folder(folder, key, sig_path=out)
-    if as_json:
-        print(json.dumps({"status": "ok", **result}))
-        return
-    console = _console(stderr=False)
-    console.print(f"[green]signed[/] {result['files']} files of {folder}")
-    console.print(f"signature       {result['sig']}")
-    console.print(f"subject digest  sha256:{result['subject_digest']}")
-    console.print(f"key             SHA256:{result['key_hint']}")
+    emit({"status": "ok", **result}, lambda screen, r: show.print_signed(screen, r, folder))
 
 
 @command()
@@ -85,19 +61,10 @@ def verify(
 
     report = verify_folder(folder, key, sig_path=sig)
     provenance = report.pop("provenance")
-    if as_json:
-        report["provenance"] = explain_provenance(provenance) if provenance else None
-        print(json.dumps(report))
-        return
-    console = _console(stderr=False)
-    console.print(f"[bold green]verified[/] {len(report['files'])} files of {folder} against {report['sig']}")
-    console.print(f"subject digest  sha256:{report['subject_digest']}")
-    console.print(f"signer key      {report['key']['fingerprint']} ({report['key']['curve']})")
-    if explain:
-        if provenance is None:
-            console.print("[yellow]no msov/provenance.json in this folder: nothing to say about its inputs[/]")
-        else:
-            _print_explanation(console, explain_provenance(provenance))
+    # Explained only when someone reads it: the JSON document always carries it, the screen with --explain.
+    wanted = as_json or explain
+    report["provenance"] = explain_provenance(provenance) if provenance and wanted else None
+    emit(report, lambda screen, r: show.print_verified(screen, r, folder, explain))
 
 
 @command()
@@ -110,22 +77,8 @@ def reproduce(
 ) -> None:
     """Re-run a signed training from its provenance; check the new adapter equals the signed one."""
     from ..reproduce import reproduce as run_reproduce
-    from . import _stage_printer
 
-    report = run_reproduce(folder, key, sig_path=sig, out=out,
-                           on_event=(lambda *_: None) if as_json else _stage_printer())
-    if as_json:
-        print(json.dumps(report))
-        return
-    console = _console(stderr=False)
-    if report["status"] == "identical":
-        console.print("[bold green]reproduced[/]: the re-run's weights are byte-identical to the signed ones")
-    else:
-        console.print("[bold yellow]equivalent[/]: not byte-identical (" + "; ".join(report["reasons"])
-                      + f"); eval loss {report['eval_loss']['recorded']:.4f} -> "
-                      f"{report['eval_loss']['reproduced']:.4f}")
-    for name, digest in report["reproduced"].items():
-        console.print(f"  {name}  sha256:{digest}")
+    emit(run_reproduce(folder, key, sig_path=sig, out=out, on_event=events(as_json)), show.print_reproduced)
 
 
 @command(group=manifest_app, name="show")
@@ -134,81 +87,6 @@ def manifest_show(
     as_json: bool = JsonOpt,
 ) -> None:
     """List every file with its sha256 and size, as a signature would (no signature is checked)."""
-    from ..trust.hashing import describe_folder, printable
+    from ..trust.hashing import describe_folder
 
-    described = describe_folder(folder)
-    if as_json:
-        print(json.dumps(described))
-        return
-    console = _console(stderr=False)
-    # One line per file, digest first (as sha256sum prints it), full digests: an auditor compares them by eye or
-    # by grep, so nothing is truncated to fit a table.
-    console.print(f"{folder}: {len(described['files'])} files, {_size(described['total_bytes'])}", markup=False)
-    for item in described["files"]:
-        console.print(f"{item['digest']}  {_size(item['size']):>10}  {printable(item['name'])}", markup=False)
-    console.print(f"subject digest  sha256:{described['subject_digest']}  (ignoring "
-                  f"{', '.join(described['ignore_paths'])})")
-
-
-def _print_explanation(console, facts: dict) -> None:
-    """The provenance for a person: what an auditor asks first, in the order they ask it."""
-    from rich.markup import escape as markup_escape
-
-    from ..trust.hashing import printable
-
-    def escape(text: str) -> str:
-        return markup_escape(printable(text))
-
-    base = facts["base_model"]
-    console.print()
-    console.print("[bold]what went into it[/] (msov/provenance.json, covered by the signature)")
-    console.print(f"base model   {escape(str(base.get('path')))}  ({base.get('architecture') or '?'}, "
-                  f"{len(base['files'])} files)")
-    for item in base["files"]:
-        console.print(f"  {item['sha256'][:16]}  {escape(item['name'])}")
-    console.print("datasets")
-    for item in facts["datasets"]:
-        console.print(f"  {item['sha256'][:16]}  {escape(item['path'])}  ({item.get('split')}, "
-                      f"{item.get('rows')} rows, {item.get('format')})")
-    console.print(f"recipe       {escape(str(facts.get('recipe_name')))}  sha256:{facts.get('recipe_digest')}  "
-                  f"seed {facts.get('seed')}")
-    versions = facts["versions"]
-    console.print("versions     " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform"))
-    hardware = facts.get("hardware") or {}
-    accelerators = ", ".join(hardware.get("accelerators") or []) or "no accelerator"
-    console.print(f"machine      {hardware.get('cpu') or hardware.get('machine')} × {hardware.get('cpu_count')}, "
-                  f"{accelerators}; {versions.get('platform', '')}")
-    console.print(f"times        {facts.get('started')} → {facts.get('finished')}")
-    metrics = facts.get("metrics") or {}
-    train, evaluation = metrics.get("train") or {}, metrics.get("eval") or {}
-    before, after = evaluation.get("before") or {}, evaluation.get("after") or {}
-    if train or before or after:
-        console.print(f"metrics      {train.get('steps')} steps, final train loss {_num(train.get('final_loss'))}; "
-                      f"eval loss {_num(before.get('loss'))} → {_num(after.get('loss'))}")
-    for item in facts["weights"]:
-        console.print(f"weights      {item['sha256'][:16]}  {escape(item['name'])}")
-    export = facts.get("export")
-    seal = (export or {}).get("training_seal")
-    if export is None:
-        console.print("sealed at training time: everything above (the training run wrote this provenance)")
-    elif seal:
-        signer = (f"signed at training time by key SHA256:{seal['training_key_hint']}" if seal["signed_at_training"]
-                  else "NOT signed at training time: someone able to rewrite the run folder could have rewritten "
-                       "its record too")
-        console.print(f"sealed at training time: base model, datasets, recipe, seed, versions, machine, metrics "
-                      f"(the run's {seal['record']}, sha256:{seal['record_sha256'][:16]}…; {signer})")
-        console.print("sealed at export time: the weights, how they were merged (dtype, base digest)")
-    else:
-        console.print("sealed at export time: everything above (a bare adapter: no training record existed)")
-
-
-def _num(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-
-
-def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
+    emit(describe_folder(folder), lambda screen, described: show.print_manifest(screen, described, folder))

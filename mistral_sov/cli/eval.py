@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import JsonOpt, _console, command
+from . import show
+from .base import JsonOpt, command, emit
 
 TargetArg = typer.Argument(..., help="a finished run folder, an adapter folder, or a local model folder")
 
@@ -36,14 +36,7 @@ def evaluate(
               "base": evaluation_loss(base, tokens.dataset, collator, batch_size=batch_size)}
     if tuned is not None:
         result["adapter"] = evaluation_loss(tuned, tokens.dataset, collator, batch_size=batch_size)
-    if as_json:
-        print(json.dumps(result))
-        return
-    console = _console(stderr=False)
-    console.print(f"{result['rows']} rows, {result['base']['tokens']} supervised tokens")
-    for name in ("base", "adapter"):
-        if name in result:
-            console.print(f"{name:8} loss {result[name]['loss']:.4f}  perplexity {result[name]['perplexity']:.2f}")
+    emit(result, show.print_eval)
 
 
 def _run_eval_files(target: Path) -> list[tuple[Path, str]]:
@@ -77,11 +70,4 @@ def generate(
     answers = {"base": generate_reply(base, tokenizer, messages, max_new_tokens=max_new_tokens)}
     if tuned is not None:
         answers["adapter"] = generate_reply(tuned, tokenizer, messages, max_new_tokens=max_new_tokens)
-    if as_json:
-        print(json.dumps({"prompt": prompt, **answers}))
-        return
-    from rich.markup import escape
-
-    console = _console(stderr=False)
-    for name, text in answers.items():
-        console.print(f"[bold]{name}:[/] {escape(text)}")
+    emit({"prompt": prompt, **answers}, show.print_answers)

@@ -1,22 +1,17 @@
-"""CLI commands for exports: `msov export` (merged checkpoint or versioned adapter) and `msov registry list`.
-
-Registered on the main Typer app in cli.py. Heavy imports (torch, safetensors, peft) happen inside commands only.
-"""
+"""`msov export` (a merged checkpoint or a versioned, signed adapter), `msov registry list`, and `msov convert`
+(a native Mistral folder to a Hugging Face one: the inverse of `export --merge --format mistral`)."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import UsageError
-from . import JsonOpt, _console, app, command
-
-registry_app = typer.Typer(help="Versioned adapters in a registry folder (DIR/<name>/<version>/).",
-                           no_args_is_help=True)
-app.add_typer(registry_app, name="registry")
+from . import show
+from .base import JsonOpt, command, emit, events, registry_app
 
 
 @command()
@@ -55,39 +50,18 @@ def export(
         raise UsageError("--version needs --registry DIR.")
     if adapter and registry is not None and overwrite:
         raise UsageError("--overwrite: a registry version is never overwritten; publish a new --version.")
-    events = (lambda kind, payload: None) if as_json else _stages()
+    on_event = events(as_json)
     if merge:
         from ..export.merged import export_merged
 
         result = export_merged(run, out, dtype=dtype, shard_size=shard_size, key=key, base=base,
-                               include_paths=include_paths, overwrite=overwrite, on_event=events, fmt=fmt)
+                               include_paths=include_paths, overwrite=overwrite, on_event=on_event, fmt=fmt)
     else:
         from ..export.adapter import export_adapter
 
         result = export_adapter(run, out=out, registry=registry, version=version, name=name, key=key, base=base,
-                                include_paths=include_paths, overwrite=overwrite, on_event=events)
-    if as_json:
-        print(json.dumps(result))
-        return
-    console = _console(stderr=False)
-    where = result.get("out") or result.get("path")
-    if result.get("kind") == "merged":
-        console.print(f"[green]merged[/] {result['merged_tensors']} LoRA targets into {len(result['files'])} "
-                      f"weight file(s), {_bytes(result['total_size'])} ({result['dtype']}) in "
-                      f"{result['wall_time_s']} s", markup=True)
-        console.print(f"folder          {where}", markup=False)
-        console.print(f"merged into     {result['merged_into']}", markup=False)
-        console.print(f"adapter id      sha256:{result['adapter_id']}", markup=False)
-    else:
-        verb = "already published, identical" if result["status"] == "unchanged" else "published"
-        label = f"{result['name']} {result['version']}" if result.get("version") else result["name"]
-        console.print(f"[green]{verb}[/] {label}")
-        console.print(f"folder          {where}", markup=False)
-        console.print(f"adapter id      sha256:{result['adapter_id']}", markup=False)
-    if result.get("sig"):
-        console.print(f"signature       {result['sig']}  (key SHA256:{result.get('key_hint')})", markup=False)
-    else:
-        console.print("signature       none (pass --key KEY.pem to sign)", markup=False)
+                                include_paths=include_paths, overwrite=overwrite, on_event=on_event)
+    emit(result, show.print_export)
 
 
 @command(group=registry_app, name="list")
@@ -101,37 +75,29 @@ def registry_list(
 
     entries = list_registry(registry, pub=pub)
     failed = [e for e in entries if e["status"].startswith(("FAILED", "MODIFIED", "unreadable"))]
-    if as_json:
-        print(json.dumps({"status": "failed" if failed else "ok", "registry": str(registry), "adapters": entries}))
-        if failed:
-            raise typer.Exit(4)
-        return
-    # Plain columns rather than a rich table: a narrow terminal or a CI log must not wrap digests mid-word.
-    rows = [("name", "version", "digest", "base model", "date", "signed by", "status")]
-    rows += [(e["name"], e["version"], _short(e["digest"]), _short(e["base_model_digest"]), (e["date"] or "-")[:10],
-              f"SHA256:{_short(e['signed_by'])}" if e["signed_by"] else "-", e["status"]) for e in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows if entries else []:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    if not entries:
-        print(f"{registry}: no adapters yet")
+    emit({"status": "failed" if failed else "ok", "registry": str(registry), "adapters": entries},
+         show.print_registry)
     if failed:  # every entry was listed; the exit code tells CI that at least one is not what it claims
         raise typer.Exit(4)
 
 
-def _bytes(count: int) -> str:
-    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
+@command()
+def convert(
+    native: Path = typer.Argument(..., help="native Mistral folder: consolidated.safetensors, params.json, "
+                                            "tekken.json or tokenizer.model.v*"),
+    out: Path = typer.Option(..., "--out", help="the Hugging Face folder to write (must not exist)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Turn a native Mistral folder into a Hugging Face one, streamed tensor by tensor."""
+    from ..errors import InputError
+    from ..export.stage import check_target, staged
+    from ..model.mistral_native import convert_native
 
-
-def _short(digest: str | None) -> str:
-    return digest[:12] if digest else "-"
-
-
-def _stages():
-    console = _console()
-
-    def on_event(kind: str, payload: dict) -> None:
-        if kind == "stage":
-            console.print(f"[dim]· {payload['text']}[/]")
-
-    return on_event
+    if out.resolve().is_relative_to(native.resolve()):
+        raise InputError(f"--out {out} is inside the folder it converts ({native}); write it elsewhere.")
+    check_target(out, overwrite=False)
+    with staged(out) as stage:
+        record = convert_native(native, stage.folder)
+        os.replace(stage.folder, out)  # whole or not at all
+    emit({"status": "ok", "out": str(out), **record},
+         lambda screen, result: show.print_converted_model(screen, result, native))

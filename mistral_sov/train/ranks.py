@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -115,11 +116,48 @@ def _all_gather(value) -> list:
 # What a surviving rank sees when a peer died: the failing rank has already said why. Only these texts: a
 # backend error of any other kind (bad NCCL interface, a CUDA fault inside a collective) is every rank's own.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# A launcher on this machine stops rank 0 within moments of a local rank's failure (which that rank reported);
+# still running after this long, the failed rank was elsewhere or died silently.
+PEER_GRACE_S = 5.0
 
 
 def is_peer_failure(exc: BaseException) -> bool:
     """Is this error of a multi-process run the echo of another rank's failure (a broken collective)?"""
     return world_size() > 1 and any(marker in str(exc) for marker in _PEER_GONE)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What one rank reports when a command fails. The CLI renders it; `quiet` means another rank reports the
+    failure and this one exits with `exit_code`, saying nothing."""
+
+    message: str
+    exit_code: int
+    hint: str | None = None
+    quiet: bool = False
+
+
+def unexpected_failure(exc: Exception) -> Failure:
+    """The report for an exception msov did not anticipate (not an MsovError): in a multi-process run, the echo
+    of another rank's failure is left to that rank (or, on rank 0, named as a lost rank after a grace period in
+    which the launcher may stop this process); anything else is this rank's own unexpected error."""
+    if is_peer_failure(exc) and not is_main_process():  # the rank that failed says why
+        return Failure(f"stopped: another rank failed ({exc})", 1, quiet=True)
+    if is_peer_failure(exc):
+        time.sleep(PEER_GRACE_S)
+        return Failure(f"stopped: lost another rank of the run ({exc})", 1,
+                       "the first error printed by any rank, or the launcher's summary, says why")
+    return Failure(f"unexpected {type(exc).__name__}: {exc}", 1)
+
+
+def as_reported(failure: Failure) -> Failure:
+    """The failure as this rank reports it: named by rank on a rank other than 0 (rank 0 reports failures all
+    ranks agreed on), and written where the launcher's failure summary looks."""
+    message = failure.message
+    if rank() > 0:
+        message = f"rank {rank()} of {world_size()}: {message}"
+    tell_launcher(message)
+    return replace(failure, message=message)
 
 
 def tell_launcher(message: str) -> None:
