@@ -60,7 +60,7 @@ def reproduce(folder: Path, public_key: Path, *, sig_path: Path | None = None, o
     raw = dict(external["recipe"])
     raw["output"] = {**raw["output"], "dir": str(target), "sign_key": None}
     try:
-        summary = finetune(validate_recipe(raw, source="provenance recipe"), on_event=on_event)
+        record = finetune(validate_recipe(raw, source="provenance recipe"), on_event=on_event)
 
         # 4. compare what came out
         recorded = {w["name"]: w["sha256"] for w in info["weights"]}
@@ -75,7 +75,7 @@ def reproduce(folder: Path, public_key: Path, *, sig_path: Path | None = None, o
     version_changes = {k: [then.get(k), now.get(k)] for k in COMPARED_VERSIONS if then.get(k) != now.get(k)}
     device_then = (info.get("hardware") or {}).get("accelerators")
     recorded_loss = ((info["metrics"].get("eval") or {}).get("after") or {}).get("loss")
-    new_loss = ((summary.get("eval") or {}).get("after") or {}).get("loss")
+    new_loss = record.eval.after.loss if record.eval.after else None
     report = {"folder": str(folder), "identical": identical, "recorded": recorded, "reproduced": fresh,
               "version_changes": version_changes, "eval_loss": {"recorded": recorded_loss, "reproduced": new_loss},
               "kept_at": str(target) if out is not None else None}

@@ -26,7 +26,7 @@ from mistral_sov.train.pipeline import finetune
 from mistral_sov.recipe import load_recipe
 summary = finetune(load_recipe(sys.argv[1]))
 with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
-    json.dump(summary, f)
+    json.dump(summary.to_json(), f)
 """
 
 # accelerate/state.py promotes only GPU-like distributed types to FSDP; do the same for MULTI_CPU (test only).
@@ -96,8 +96,8 @@ def test_fsdp_two_ranks_save_the_whole_adapter_and_match_one_process(tiny_model,
 
     from mistral_sov.evaluate import evaluation_loss
     from mistral_sov.recipe import Recipe
-    from mistral_sov.train.engine import trained_tensors
-    from mistral_sov.train.pipeline import _trainable_digest, prepare_inputs
+    from mistral_sov.train.engine import trainable_digest, trained_tensors
+    from mistral_sov.train.pipeline import prepare_inputs
     from mistral_sov.train.trainer import make_collator
 
     reports = tmp_path / "reports"
@@ -117,7 +117,7 @@ def test_fsdp_two_ranks_save_the_whole_adapter_and_match_one_process(tiny_model,
     adapter = Path(rank0["adapter_dir"])
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
                                       adapter, is_trainable=True)
-    assert _trainable_digest(trained_tensors(tuned)) == rank0["parameters"]["trainable_sha256"]
+    assert trainable_digest(trained_tensors(tuned)) == rank0["parameters"]["trainable_sha256"]
     prepared = prepare_inputs(Recipe.model_validate(yaml.safe_load((tmp_path / "fsdp.yaml").read_text())))
     reloaded = evaluation_loss(tuned, prepared.eval.dataset, make_collator(prepared.tokenizer), batch_size=4)
     assert reloaded["loss"] == pytest.approx(rank0["eval"]["after"]["loss"], rel=1e-6)
@@ -188,12 +188,13 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype(fsdp_env, monkeypatch):
     import torch
 
     from mistral_sov.model.load import quantization_config
+    from mistral_sov.train.engine import fsdp_requested
     from mistral_sov.recipe import QuantizationSection
 
     section = QuantizationSection(bits=4, compute_dtype="bfloat16")
-    assert quantization_config(section).bnb_4bit_quant_storage == torch.bfloat16  # FSDP shards float tensors only
+    assert quantization_config(section, fsdp=fsdp_requested()).bnb_4bit_quant_storage == torch.bfloat16  # FSDP shards float tensors only
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    assert quantization_config(section).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default otherwise
+    assert quantization_config(section, fsdp=fsdp_requested()).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default otherwise
 
 
 def test_fsdp_qlora_4bit_trains_sharded(tiny_model, tmp_path):
@@ -243,8 +244,8 @@ def test_accelerate_launch_runs_the_cli_unchanged(tiny_model, tmp_path):
     assert two["train"]["processes"] == 2 and two["train"]["steps"] == 8
 
     one = finetune(load_recipe(tmp_path / "one.yaml"))
-    assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-3)
-    assert two["eval"]["after"]["loss"] == pytest.approx(one["eval"]["after"]["loss"], rel=1e-3)
+    assert two["train"]["final_loss"] == pytest.approx(one.train.final_loss, rel=1e-3)
+    assert two["eval"]["after"]["loss"] == pytest.approx(one.eval.after.loss, rel=1e-3)
 
 
 # A 2-rank run through the CLI, as a user launches it. Rank 1 fails after step FAIL_AT_STEP when asked (a crashed GPU
@@ -298,7 +299,7 @@ def logged_losses(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_a_two_rank_run_that_crashed_resumes_to_the_uninterrupted_adapter(engine, tiny_model, tmp_path):
-    from mistral_sov.train.trainer import latest_checkpoint
+    from mistral_sov.train.checkpoints import latest_checkpoint
 
     runs = tmp_path / "runs"
     for name in ("straight", "crashed"):  # the same recipe but for where it goes
@@ -361,7 +362,7 @@ def test_resume_refuses_a_checkpoint_of_the_other_engine(tiny_model, tmp_path, w
     """An FSDP checkpoint resumed without FSDP (or a DDP one under FSDP) fails in the Trainer only after the model is
     loaded, with a ValueError or a FileNotFoundError on optimizer_0 (measured): msov refuses it first, exit 3."""
     from mistral_sov.errors import InputError
-    from mistral_sov.train.trainer import check_resumable
+    from mistral_sov.train.checkpoints import check_resumable
 
     path = write_recipe(small_recipe(tiny_model, tmp_path / "out", max_steps=12, save_steps=5))
     checkpoint = tmp_path / "out.partial" / "checkpoints" / "checkpoint-5"
@@ -408,10 +409,10 @@ def test_deepspeed_zero_saves_the_whole_adapter(stage, tiny_model, tmp_path):
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(
         small_recipe(tiny_model, tmp_path / "single" / "one", max_steps=8, batch_size=8)))
     one = finetune(load_recipe(tmp_path / "one.yaml"))
-    reference = load_file(Path(one["adapter_dir"]) / "adapter_model.safetensors")
+    reference = load_file(Path(one.adapter_dir) / "adapter_model.safetensors")
     assert tensors.keys() == reference.keys()
     # Measured: at most 1.2e-6 apart (reduction order across 2 ranks); a wrong or missing gather is O(1e-2) or more.
     assert max((tensors[k] - reference[k]).abs().max().item() for k in tensors) < 1e-4
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)  # reloads in plain PEFT
     run = json.loads((tmp_path / "runs" / "ds" / "run.json").read_text())
-    assert run["eval"]["after"]["loss"] == pytest.approx(one["eval"]["after"]["loss"], rel=1e-5)
+    assert run["eval"]["after"]["loss"] == pytest.approx(one.eval.after.loss, rel=1e-5)

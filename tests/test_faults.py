@@ -205,7 +205,7 @@ PHASES = {None: "before the first checkpoint", "save": "inside a checkpoint writ
 
 
 def test_sigkill_at_20_random_instants_then_resume_gives_the_uninterrupted_adapter(tiny_model, tmp_path, attempt):
-    from mistral_sov.train.trainer import checkpoint_step, resume_point
+    from mistral_sov.train.checkpoints import checkpoint_step, resume_point
 
     def adapter_digest(run: Path) -> str:
         return sha256_file(run / "adapter" / "adapter_model.safetensors")

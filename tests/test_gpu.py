@@ -134,4 +134,4 @@ def test_dora_on_8bit_trains_on_cuda(tiny_model, tmp_path, write_recipe):
     data["quantization"] = {"bits": 8}
     data["lora"]["use_dora"] = True
     summary = finetune(load_recipe(write_recipe(data)))
-    assert summary["train"]["steps"] == 4 and summary["train"]["final_loss"] < summary["train"]["first_loss"]
+    assert summary.train.steps == 4 and summary.train.final_loss < summary.train.first_loss

@@ -185,7 +185,7 @@ def v03_run(v03_folder, tmp_path_factory):
 
 def test_helpdesk_recipe_trains_on_a_v03_shaped_folder(v03_run):
     summary, out = v03_run
-    assert summary["train"]["steps"] == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary.train.steps == 2 and (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_export_format_mistral_converts_back_to_the_hf_export(v03_run, tmp_path, cli):

@@ -98,7 +98,7 @@ def test_full_finetune_makes_zero_connection_attempts(tiny_model, tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(small_recipe(tiny_model, tmp_path / "out", max_steps=4)))
     with egress_guard() as guard:
         summary = finetune(load_recipe(tmp_path / "r.yaml"))
-    assert summary["status"] == "complete"
+    assert summary.status == "complete"
     assert guard.attempts == []
 
 

@@ -34,6 +34,17 @@ def load(tiny_model, attn="sdpa"):
     return model.train()  # training mode, as in the Trainer (dropout is 0 in this config)
 
 
+def supervised_token_losses(model, batch: dict):
+    """Cross-entropy of every supervised token of `batch`, in row-major order (fp32 whatever the model dtype),
+    from the logits the Trainer's loss uses."""
+    import torch.nn.functional as F
+
+    from mistral_sov.train.trainer import supervised_logits
+
+    outputs, targets = supervised_logits(model, batch)
+    return F.cross_entropy(outputs.logits.float(), targets, reduction="none")
+
+
 def per_row(token_losses, rows, order):
     """Mean loss of each row, read back from the row-major token losses of a batch laid out in `order`."""
     out, start = {}, 0
@@ -96,8 +107,6 @@ def test_packed_losses_equal_one_by_one(tiny_model, rows, attn):
     """The per-row losses of a packed batch equal those of each row alone (fp32, 1e-5), through the code path
     training uses, on a model whose config asks for a cache."""
     import torch
-
-    from mistral_sov.train.trainer import supervised_token_losses
 
     batch_rows, pad = rows
     model = load(tiny_model, attn)

@@ -37,9 +37,9 @@ def qlora_run(tiny_model, tmp_path_factory):
 
 def test_qlora_4bit_loss_falls_and_adapter_is_plain_peft(qlora_run):
     summary, out = qlora_run
-    before, after = summary["eval"]["before"]["loss"], summary["eval"]["after"]["loss"]
+    before, after = summary.eval.before.loss, summary.eval.after.loss
     assert after <= 0.7 * before, (before, after)
-    assert summary["train"]["steps"] == 30
+    assert summary.train.steps == 30
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
@@ -125,8 +125,8 @@ def test_other_quantizations_train(tiny_model, tmp_path, write_recipe, quantizat
     # Completion rows and no eval set: no evaluation and no sample generation, only the training steps.
     data["data"] = {"train": [{"path": str(SAMPLES / "helpdesk_completion.jsonl"), "format": "completion"}]}
     summary = finetune(load_recipe(write_recipe(data)))
-    assert summary["train"]["steps"] == 6
-    assert summary["train"]["final_loss"] < summary["train"]["first_loss"]
+    assert summary.train.steps == 6
+    assert summary.train.final_loss < summary.train.first_loss
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -59,7 +59,7 @@ def test_finetune_signs_before_publishing_and_records_it(signed_run):
     run = json.loads((out / "run.json").read_text())
     statement = payload_of(out / "adapter.sig")
     assert run["signature"]["path"] == str(out / "adapter.sig")
-    assert run["adapter_digest"] == statement["subject"][0]["digest"]["sha256"] == summary["adapter_digest"]
+    assert run["adapter_digest"] == statement["subject"][0]["digest"]["sha256"] == summary.adapter_digest
     assert statement["subject"][0]["name"] == "adapter"
     names = [r["name"] for r in statement["predicate"]["resources"]]
     assert {"adapter_model.safetensors", "adapter_config.json", "msov/provenance.json"} <= set(names)
@@ -71,14 +71,14 @@ def test_verify_round_trip_and_explain(cli, signed_run):
     result = cli("verify", out / "adapter", "--key", public, "--explain")
     assert result.exit_code == 0, result.stderr
     text = result.stdout
-    assert "verified" in text and summary["adapter_digest"] in text
-    assert str(summary["base_model"]["path"]) in text and "model.safetensors" in text
-    assert "helpdesk_chat.jsonl" in text and "300 rows" in text and summary["recipe_digest"] in text
-    assert "SHA256:" in text and summary["started_at"] in text and "transformers" in text
+    assert "verified" in text and summary.adapter_digest in text
+    assert str(summary.base_model.path) in text and "model.safetensors" in text
+    assert "helpdesk_chat.jsonl" in text and "300 rows" in text and summary.recipe_digest in text
+    assert "SHA256:" in text and summary.started_at in text and "transformers" in text
 
     as_json = json.loads(cli("verify", out / "adapter", "--key", public, "--json").stdout)
-    assert as_json["status"] == "verified" and as_json["subject_digest"] == summary["adapter_digest"]
-    assert as_json["provenance"]["recipe_digest"] == summary["recipe_digest"]
+    assert as_json["status"] == "verified" and as_json["subject_digest"] == summary.adapter_digest
+    assert as_json["provenance"]["recipe_digest"] == summary.recipe_digest
 
 
 def test_provenance_digests_match_the_signed_resources(signed_run):
@@ -94,19 +94,19 @@ def test_provenance_digests_match_the_signed_resources(signed_run):
 
     build = provenance["predicate"]["buildDefinition"]
     deps = {d["name"]: d for d in build["resolvedDependencies"]}
-    for name, digest in summary["base_model"]["files"].items():
+    for name, digest in summary.base_model.files.items():
         assert deps[f"base_model/{name}"]["digest"]["sha256"] == digest
-    for item in summary["data"]["train"]:
-        dep = deps[f"data/train/{Path(item['path']).name}"]
-        assert dep["digest"]["sha256"] == item["sha256"] == sha256_file(item["path"])
-        assert dep["annotations"]["rows"] == item["rows"] and dep["annotations"]["format"] == item["format"]
-    assert build["externalParameters"]["recipe_digest"] == summary["recipe_digest"]
-    assert build["externalParameters"]["recipe"]["train"]["seed"] == summary["seed"]
+    for item in summary.data.train:
+        dep = deps[f"data/train/{Path(item.path).name}"]
+        assert dep["digest"]["sha256"] == item.sha256 == sha256_file(item.path)
+        assert dep["annotations"]["rows"] == item.rows and dep["annotations"]["format"] == item.format
+    assert build["externalParameters"]["recipe_digest"] == summary.recipe_digest
+    assert build["externalParameters"]["recipe"]["train"]["seed"] == summary.seed
     run = provenance["predicate"]["runDetails"]
     versions = set(run["builder"]["version"])
     assert {"msov", "torch", "transformers", "peft", "accelerate", "datasets", "python"} <= versions
-    assert run["metadata"]["startedOn"] == summary["started_at"] and run["metadata"]["finishedOn"]
-    assert run["byproducts"][0]["annotations"]["eval"]["after"]["loss"] == summary["eval"]["after"]["loss"]
+    assert run["metadata"]["startedOn"] == summary.started_at and run["metadata"]["finishedOn"]
+    assert run["byproducts"][0]["annotations"]["eval"]["after"]["loss"] == summary.eval.after.loss
     assert build["internalParameters"]["hardware"]["cpu_count"]
 
 

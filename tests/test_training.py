@@ -25,9 +25,9 @@ def finished_run(tiny_model, tmp_path_factory):
 
 def test_loss_falls_by_at_least_30_percent(finished_run):
     summary, _, _ = finished_run
-    before, after = summary["eval"]["before"]["loss"], summary["eval"]["after"]["loss"]
+    before, after = summary.eval.before.loss, summary.eval.after.loss
     assert after <= 0.7 * before, (before, after)
-    assert summary["train"]["final_loss"] <= 0.7 * summary["train"]["first_loss"]
+    assert summary.train.final_loss <= 0.7 * summary.train.first_loss
 
 
 def test_run_folder_contents(finished_run):
@@ -37,14 +37,14 @@ def test_run_folder_contents(finished_run):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(out.rglob("*.bin"))
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "complete" and run["train"]["steps"] == summary["train"]["steps"]
+    assert run["status"] == "complete" and run["train"]["steps"] == summary.train.steps
     assert run["base_model"]["files"]["model.safetensors"]
     assert all(len(f["sha256"]) == 64 for f in run["data"]["train"])
     assert run["data"]["scan"] == {"files": 2, "rows": 340, "counts": {}}  # counts only, never findings
     assert run["versions"]["transformers"] and run["recipe_digest"] == load_recipe(out / "recipe.yaml").digest()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [line["step"] for line in lines if "loss" in line]
-    assert logged == sorted(set(logged)) and len(logged) >= summary["train"]["steps"] // 2
+    assert logged == sorted(set(logged)) and len(logged) >= summary.train.steps // 2
     assert not out.with_name("out.partial").exists()
     assert "train_begin" in events and "step" in events
 
@@ -135,8 +135,8 @@ def test_eval_and_generate_commands_on_a_run(finished_run, cli):
     result = cli("eval", out, "--data", SAMPLES / "helpdesk_chat_eval.jsonl", "--max-seq-len", "192", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["base"]["loss"] == pytest.approx(summary["eval"]["before"]["loss"], rel=1e-4)
-    assert report["adapter"]["loss"] == pytest.approx(summary["eval"]["after"]["loss"], rel=1e-4)
+    assert report["base"]["loss"] == pytest.approx(summary.eval.before.loss, rel=1e-4)
+    assert report["adapter"]["loss"] == pytest.approx(summary.eval.after.loss, rel=1e-4)
     answer = cli("generate", out / "adapter", "--prompt", "The printer PRN-WB-3 is jammed.", "--json")
     assert answer.exit_code == 0, answer.output
     answers = json.loads(answer.stdout)

@@ -9,7 +9,6 @@ from pathlib import Path
 from ..errors import DataError, EnvironmentRefused, InputError, ModelFolderError
 from ..guard.local import require_local_model
 from ..recipe import LoraSection, ModelSection, QuantizationSection
-from ..train.engine import fsdp_requested
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
@@ -222,7 +221,8 @@ def _refuse_dora_on_8bit(lora: LoraSection, kind: str) -> None:
         hint="Use quantization.bits: 4 with DoRA, or set lora.use_dora: false to keep 8-bit.")
 
 
-def quantization_config(section: QuantizationSection):
+def quantization_config(section: QuantizationSection, *, fsdp: bool = False):
+    """bitsandbytes' settings for `section`; `fsdp`: the run is launched for FSDP (train.engine.Engine.fsdp)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -232,14 +232,16 @@ def quantization_config(section: QuantizationSection):
         return BitsAndBytesConfig(load_in_8bit=True)
     # FSDP shards floating-point tensors of one dtype only: under FSDP the packed 4-bit bytes are stored in the
     # compute dtype (bitsandbytes' FSDP-QLoRA recipe); the values, and so the training, are the same.
-    storage = compute if fsdp_requested() else torch.uint8
+    storage = compute if fsdp else torch.uint8
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=section.quant_type,
                               bnb_4bit_use_double_quant=section.double_quant, bnb_4bit_compute_dtype=compute,
                               bnb_4bit_quant_storage=storage)
 
 
 def load_model(folder: ModelFolder, section: ModelSection, *, quantization: QuantizationSection | None = None,
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, fsdp: bool = False):
+    """The base weights, frozen for LoRA; `fsdp`: the run is launched for FSDP, which shards them once training
+    starts (the quantized layout is chosen for it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -249,7 +251,7 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
     model = AutoModelForCausalLM.from_pretrained(
         folder.path,
         dtype=getattr(torch, dtype),
-        quantization_config=quantization_config(quantization) if quantization else None,
+        quantization_config=quantization_config(quantization, fsdp=fsdp) if quantization else None,
         use_safetensors=None if section.allow_pickle else True,
         trust_remote_code=section.trust_remote_code,
         local_files_only=True,
@@ -261,7 +263,7 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
         from peft import prepare_model_for_kbit_training
 
         _keep_cpu_4bit_trainable(model)
-        if not fsdp_requested():  # it casts norms and embeddings to float32: FSDP could not shard the mix
+        if not fsdp:  # it casts norms and embeddings to float32: FSDP could not shard the mix
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
 

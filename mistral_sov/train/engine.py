@@ -1,19 +1,103 @@
-"""FSDP through accelerate: whether it is asked for, what it cannot shard, and reading a sharded adapter whole.
+"""How this process trains: alone, or as one rank of a DDP, FSDP or DeepSpeed launch, behind one `Engine`.
 
 msov launches nothing: `accelerate launch --config_file recipes/accelerate/fsdp.yaml -m mistral_sov finetune ...`
 sets ACCELERATE_USE_FSDP=true and FSDP_* variables for every rank, and the Trainer's Accelerator shards the model
 when training starts. Before that the model is whole on rank 0 (and on the others unless
 fsdp_cpu_ram_efficient_loading leaves them empty until FSDP broadcasts rank 0's weights); after it, every
 trained tensor is a shard (a DTensor under FSDP2), so the digest, the saved adapter and generation go through
-the helpers below.
+the Engine's methods.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InputError, MsovError
+from .ranks import rank, world_size
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The launch this process is part of, read from accelerate's environment once, at the start of a run."""
+
+    fsdp: bool  # launched for FSDP (on a machine without GPU accelerate runs it as DDP: see `sharded`)
+    deepspeed: bool
+    rank: int
+    processes: int
+
+    @classmethod
+    def from_environment(cls) -> "Engine":
+        return cls(fsdp=fsdp_requested(), deepspeed=_deepspeed_requested(), rank=rank(), processes=world_size())
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: it checks, writes and publishes; the other ranks train the same adapter."""
+        return self.rank == 0
+
+    def place(self, model):
+        """Put the model on this rank's GPU before the Trainer would (it does so only when training starts), so
+        that the evaluation before training does not run, say, a 7B model on the CPU. bitsandbytes already placed
+        a quantized model; FSDP and DeepSpeed place (and shard) the weights themselves, from the CPU copy."""
+        import torch
+
+        if not torch.cuda.is_available() or self.fsdp or self.deepspeed:
+            return model
+        if getattr(model.config, "quantization_config", None) is not None:
+            return model
+        return model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+
+    @staticmethod
+    def sharded(model_wrapped) -> bool:
+        """Did FSDP (1 or 2) shard the module the Trainer trained through (None before training: no)? False when
+        accelerate ran an FSDP launch as DDP (on CPU)."""
+        return _is_sharded(model_wrapped)
+
+    def gather_adapter(self, model_wrapped, model) -> "GatheredAdapter":
+        """The trained tensors, whole on every rank (a collective under FSDP and ZeRO-3: every rank calls it)."""
+        sharded = self.sharded(model_wrapped)
+        partitioned = sharded or _zero3_partitioned(model)
+        return GatheredAdapter(tensors=trained_tensors(model_wrapped if sharded else model), partitioned=partitioned)
+
+    def generation_context(self, model_wrapped):
+        """Where `model.generate` may run after training: the FSDP root's own parameters gathered."""
+        return _whole_root(model_wrapped)
+
+
+@dataclass
+class GatheredAdapter:
+    tensors: dict  # PEFT's names -> whole tensors
+    partitioned: bool  # the model's own state_dict() holds shards: save these tensors instead
+
+    @property
+    def sha256(self) -> str:
+        return trainable_digest(self.tensors)
+
+    def save(self, model, folder: Path) -> None:
+        """The adapter in plain PEFT format (adapter_config.json, adapter_model.safetensors)."""
+        model.save_pretrained(folder, **({"state_dict": self.tensors} if self.partitioned else {}))
+
+
+def trainable_digest(tensors: dict) -> str:
+    """sha256 over the trained (LoRA) tensors in name order: equal on every rank of a correct DDP or FSDP run."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """accelerate imports DeepSpeed whenever it is installed (unwrapping any model), and DeepSpeed then announces
+    "Setting accelerator to CPU" on stdout; a single-process CPU run says so up front instead."""
+    if world_size() <= 1 and "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def fsdp_requested() -> bool:
@@ -25,7 +109,7 @@ def check_fsdp(quantization, *, on_cuda: bool | None = None) -> str | None:
     """Refuse, before any weight is read, what FSDP cannot shard; return a warning when FSDP will not shard at all.
 
     Sharded QLoRA needs 4-bit weights whose packed storage has the model's float dtype (bitsandbytes'
-    `quant_storage`, set by `modeling.quantization_config` under FSDP): FSDP shards floating-point tensors only.
+    `quant_storage`, set by `model.load.quantization_config` under FSDP): FSDP shards floating-point tensors only.
     msov gathers the adapter and generates through FSDP2's per-parameter shards, so FSDP1 is refused too.
     """
     if not fsdp_requested():
@@ -56,24 +140,11 @@ def check_fsdp(quantization, *, on_cuda: bool | None = None) -> str | None:
             "plain data parallel (DDP), every rank holding the whole model. The adapter is the same.")
 
 
-def place_for_training(model):
-    """Put the model on this rank's GPU before the Trainer would (it does so only when training starts), so that
-    the evaluation before training does not run, say, a 7B model on the CPU. bitsandbytes already placed a
-    quantized model; FSDP and DeepSpeed place (and shard) the weights themselves, from the CPU copy."""
-    import torch
-
-    if not torch.cuda.is_available() or fsdp_requested() or _deepspeed_requested():
-        return model
-    if getattr(model.config, "quantization_config", None) is not None:
-        return model
-    return model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
-
-
 def _deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def is_sharded(model) -> bool:
+def _is_sharded(model) -> bool:
     """Is `model` (or the module the Trainer wrapped it in) managed by FSDP 1 or 2?"""
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -83,7 +154,7 @@ def is_sharded(model) -> bool:
     return isinstance(model, (FSDPModule, FullyShardedDataParallel))
 
 
-def zero3_partitioned(model) -> bool:
+def _zero3_partitioned(model) -> bool:
     """Are `model`'s parameters DeepSpeed ZeRO-3 partitions? Each rank then holds a slice of every parameter
     (`param.data` is empty outside a forward pass), so reading or saving them needs a gather first."""
     return any(hasattr(param, "ds_id") for param in model.parameters())
@@ -96,9 +167,9 @@ def trained_tensors(model) -> dict:
     gathering the frozen base; elsewhere it is the parameters themselves. The names are PEFT's, as
     `named_parameters` gives them.
     """
-    if not is_sharded(model):
+    if not _is_sharded(model):
         trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
-        if not zero3_partitioned(model):
+        if not _zero3_partitioned(model):
             return _whole({name: param.detach() for name, param in trained.items()})
         import deepspeed
 
@@ -124,7 +195,7 @@ def _whole(tensors: dict) -> dict:
 
 
 @contextmanager
-def whole_root(model):
+def _whole_root(model):
     """Generation calls the inner model, not the root FSDP module whose hook would gather its own parameters
     (embeddings, final norm, LM head): gather them for the duration. Layers below gather themselves."""
     from torch.distributed.fsdp import FSDPModule

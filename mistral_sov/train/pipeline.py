@@ -2,33 +2,33 @@
 
 The run is built in `<output.dir>.partial/` (checkpoints, metrics.jsonl, resolved recipe) and renamed to
 `<output.dir>/` only after the adapter and run.json are written, so a crash never leaves a folder that looks done.
+Each stage takes what it needs and hands on a small typed result: the run's Target, the PreparedData, the
+LoadedModel, Measured (before and after), trainer.Trained, engine.GatheredAdapter, the RunRecord.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import shutil
-import signal
-import threading
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..errors import Interrupted
+from ..events import EventSink, no_events
 from ..guard.env import enforce_offline_env
-from ..recipe import Recipe, load_recipe
-from .ranks import all_ranks_agree, is_main_process, world_size
-from .run_folder import check_same_inputs, check_targets, publish, refuse_overlapping_inputs, run_lock, write_atomic
-from .trainer import EventSink
+from ..recipe import Recipe
+from ..record import (BaseModelRef, DataRefs, EvalRefs, EvalResult, Parameters, RankResult, RunRecord, Sample,
+                      TokenRefs, TrainResult)
+from .engine import Engine, quiet_deepspeed_on_cpu
+from .finish import draw_loss_plot, publish, seal_adapter
+from .ranks import all_ranks_agree
+from .run_folder import (Target, check_targets, ready_to_train, record_inputs, refuse_overlapping_inputs, run_lock,
+                         start_afresh)
+from .trainer import Trained, train
 
-
-def _ignore(_kind: str, _payload: dict) -> None:
-    pass
+_ignore = no_events  # the default sink of prepare_inputs and dry_run below, by its old name
 
 
 @dataclass
@@ -104,267 +104,154 @@ def dry_run(recipe: Recipe, on_event: EventSink = _ignore) -> dict:
     }
 
 
-def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
-             on_event: EventSink = _ignore, sign_key: str | None = None) -> dict:
-    """Train and publish one run; rank 0 holds the run's lock from the first check to the publish."""
-    with ExitStack() as held:
-        return _finetune(recipe, resume=resume, overwrite=overwrite, on_event=on_event, sign_key=sign_key,
-                         held=held)
-
-
-def quiet_deepspeed_on_cpu() -> None:
-    """accelerate imports DeepSpeed whenever it is installed (unwrapping any model), and DeepSpeed then announces
-    "Setting accelerator to CPU" on stdout; a single-process CPU run says so up front instead."""
-    if world_size() <= 1 and "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-def _finetune(recipe: Recipe, *, resume: bool, overwrite: bool, on_event: EventSink, sign_key: str | None,
-              held: ExitStack) -> dict:
+def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, on_event: EventSink = no_events,
+             sign_key: str | None = None) -> RunRecord | RankResult:
+    """Train and publish one run. Rank 0 returns the run's record, having held the run's lock from the first check
+    to the publish; every other rank returns what it trained (rank 0 alone writes)."""
     started_at, clock = _now(), time.monotonic()
     quiet_deepspeed_on_cpu()
-
-    # 1. decide where the run goes, before any expensive work
-    out_dir = Path(recipe.output.dir)
-    work_dir = out_dir.with_name(out_dir.name + ".partial")
-    main = is_main_process()
+    engine = Engine.from_environment()
     sign_key = sign_key or recipe.output.sign_key  # the --sign-key flag wins over the recipe
+    with ExitStack() as lock:
+        # 1. where the run goes, the model folder, data and tokens: every input error surfaces here, on every rank,
+        #    before anything is written
+        target, prepared = check_run(recipe, engine, lock, resume=resume, overwrite=overwrite, sign_key=sign_key,
+                                     on_event=on_event)
+        # 2. the bytes trained on: recorded in inputs.json, or, on resume, checked against it
+        base_files = record_inputs(target, prepared.folder.path, prepared.train_files + prepared.eval_files,
+                                   main=engine.is_main, on_event=on_event)
+        # 3. base weights with LoRA attached; the seed fixes the adapter's initialisation
+        loaded = load_for_training(recipe, prepared, engine, on_event)
+        # 4. where we start from: eval loss and a sample answer (rank 0's to report; nothing is sharded yet)
+        sample = _sample_conversation(prepared.eval_files or prepared.train_files)
+        before = measure(loaded.model, prepared, recipe, sample, engine, on_event)
+        # 5. train, from the latest usable checkpoint when resuming
+        earlier_metrics = ready_to_train(target, recipe, on_event) if engine.is_main else []
+        trained = train(loaded.model, prepared.tokenizer, prepared.train.dataset,
+                        prepared.eval.dataset if prepared.eval else None, recipe.train, target.work_dir, on_event,
+                        packing=recipe.data.packing, resume_from=target.checkpoint, earlier_metrics=earlier_metrics)
+        # 6. where we ended: the same measures, on every rank (under FSDP each forward pass gathers all shards)
+        after = measure(loaded.model, prepared, recipe, sample, engine, on_event, trained=trained)
+        # 7. the adapter, gathered whole by every rank; rank 0 alone saves and publishes it
+        adapter = engine.gather_adapter(trained.model_wrapped, loaded.model)
+        if not engine.is_main:
+            return RankResult(rank=engine.rank, name=recipe.name, trainable_sha256=adapter.sha256)
+        on_event("stage", {"text": "saving adapter"})
+        adapter.save(loaded.model, target.work_dir / "adapter")
+        # 8. the run's record, then provenance and signature over adapter/, and loss.png
+        record = describe_run(recipe, target, prepared, base_files, loaded, adapter.sha256, trained,
+                              engine, before, after, sample, started_at=started_at, clock=clock)
+        record = seal_adapter(record, recipe, target, sign_key, on_event)
+        record = draw_loss_plot(record, trained.metrics, target, on_event)
+        # 9. run.json, the atomic rename of OUT.partial/ to OUT/, checkpoints removed
+        publish(record, target)
+        return record
+
+
+@dataclass
+class LoadedModel:
+    model: object  # the PEFT model, placed on this rank's device
+    trainable: int  # counted before training: a sharded model would count its shards only
+    total: int
+
+
+@dataclass
+class Measured:
+    """Held-out loss and the sample's reply at one point of the run (None where nothing was measured)."""
+
+    eval: EvalResult | None = None
+    reply: str | None = None
+
+
+def check_run(recipe: Recipe, engine: Engine, lock: ExitStack, *, resume: bool, overwrite: bool,
+              sign_key: str | None, on_event: EventSink) -> tuple[Target, PreparedData]:
+    """Every rank checks its own inputs; if any rank fails, all stop now and rank 0 says why, once. All must have
+    found the same training settings, data bytes and checkpoint (paths may differ per node). Rank 0 enters the
+    run's lock into `lock`. (prepare_inputs sets the offline environment before anything imports transformers.)"""
+    where, main = Target.of(recipe), engine.is_main
 
     def check_everything():
         if main:  # inside the agreement, so every rank stops when another run holds the folder
-            refuse_overlapping_inputs(recipe, out_dir, work_dir)  # before the lock file is created
-            held.enter_context(run_lock(out_dir))
-        checkpoint = check_targets(recipe, out_dir, work_dir, resume=resume, overwrite=overwrite, main=main)
+            refuse_overlapping_inputs(recipe, where.out_dir, where.work_dir)  # before the lock file is created
+            lock.enter_context(run_lock(where.out_dir))
+        checkpoint = check_targets(recipe, where.out_dir, where.work_dir, resume=resume, overwrite=overwrite,
+                                   main=main)
         if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
             from ..trust.keys import check_signing_key
 
-            check_signing_key(Path(sign_key), outside=(out_dir, work_dir))
-        # 2. model folder, data and tokens (all input errors surface here, before anything is written)
-        return checkpoint, prepare_inputs(recipe, on_event)
+            check_signing_key(Path(sign_key), outside=(where.out_dir, where.work_dir))
+        return replace(where, checkpoint=checkpoint), prepare_inputs(recipe, on_event)
 
-    # Every rank checks its own inputs; if any rank fails, all stop now and rank 0 says why, once.
-    # ...and must have found the same training settings, data bytes and checkpoint (paths may differ per node).
-    checkpoint, prepared = all_ranks_agree(check_everything, fingerprint=lambda found: {
+    target, prepared = all_ranks_agree(check_everything, fingerprint=lambda found: {
         "train settings": recipe.train.model_dump_json(), "lora settings": recipe.lora.model_dump_json(),
-        "checkpoint": found[0].name if found[0] else None,
+        "checkpoint": found[0].checkpoint.name if found[0].checkpoint else None,
         "data sha256": [f.sha256 for f in found[1].train_files + found[1].eval_files]})
-    if checkpoint is None and main:
-        if resume:
-            on_event("warning", {"text": f"no complete checkpoint in '{work_dir}' (the run was stopped before its "
-                                         "first one was written): starting again from step 0"})
-        shutil.rmtree(work_dir, ignore_errors=True)  # an unfinished run the user chose to --overwrite or --resume
-        work_dir.mkdir(parents=True)
+    if target.checkpoint is None and main:
+        start_afresh(target, resume=resume, on_event=on_event)
+    return target, prepared
 
-    # 3. base weights with LoRA attached; the seed fixes the adapter's initialisation
-    enforce_offline_env()
+
+def load_for_training(recipe: Recipe, prepared: PreparedData, engine: Engine, on_event: EventSink) -> LoadedModel:
     from transformers import set_seed
 
-    from ..evaluate import evaluation_loss, generate_reply
     from ..model.load import attach_lora, load_model, parameter_counts
-    from ..trust.hashing import digest_folder
-    from .engine import is_sharded, place_for_training, trained_tensors, whole_root, zero3_partitioned
-    from .trainer import (
-        build_trainer,
-        check_resumable,
-        checkpoint_step,
-        checkpoints,
-        is_complete,
-        make_collator,
-        trim_metrics,
-    )
 
-    on_event("stage", {"text": "hashing base model"})
-    base_digests = digest_folder(prepared.folder.path)
-    inputs = {"data": [[str(f.path), f.sha256] for f in prepared.train_files + prepared.eval_files],
-              "base_model": base_digests}
-    all_ranks_agree(lambda: check_same_inputs(work_dir / "inputs.json", inputs, resume=checkpoint is not None)
-                    if main else None)
     on_event("stage", {"text": "loading base model"})
     set_seed(recipe.train.seed)
     base = load_model(prepared.folder, recipe.model, quantization=recipe.quantization,
-                      gradient_checkpointing=recipe.train.gradient_checkpointing)
-    model = place_for_training(attach_lora(base, recipe.lora))
-    trainable, total = parameter_counts(model)
+                      gradient_checkpointing=recipe.train.gradient_checkpointing, fsdp=engine.fsdp)
+    model = engine.place(attach_lora(base, recipe.lora))
+    return LoadedModel(model, *parameter_counts(model))
 
-    # 4. where we start from: eval loss and a sample answer before training (rank 0's to report; the model is
-    #    not sharded yet, so the other ranks need not wait for it)
-    collator = make_collator(prepared.tokenizer)
-    sample = _sample_conversation(prepared.eval_files or prepared.train_files)
-    before = after = sample_before = None
-    if prepared.eval is not None and main:
-        on_event("stage", {"text": "evaluating before training"})
-        before = evaluation_loss(model, prepared.eval.dataset, collator, batch_size=recipe.train.batch_size)
-    if sample and main:
-        sample_before = generate_reply(model, prepared.tokenizer, sample["prompt"])
 
-    # 5. train (from the latest checkpoint when resuming)
-    if main:
-        write_atomic(work_dir / "recipe.yaml", recipe.to_yaml())
-    if checkpoint is not None and main:
-        for partial in checkpoints(work_dir / "checkpoints"):  # a kill mid-save: that step runs and saves again
-            if not is_complete(partial):
-                shutil.rmtree(partial, ignore_errors=True)
-                on_event("warning", {"text": f"skipped {partial.name}: incomplete (the run was stopped while "
-                                             "writing it)"})
-            elif checkpoint_step(partial) > checkpoint_step(checkpoint):  # the Trainer rewrites it in place
-                shutil.rmtree(partial, ignore_errors=True)
-                on_event("warning", {"text": f"skipped {partial.name}: written at the run's last step; its last "
-                                             f"steps run again from {checkpoint.name}"})
-        trim_metrics(work_dir / "metrics.jsonl", checkpoint_step(checkpoint))
-        on_event("stage", {"text": f"resuming from {checkpoint.name}"})
-    trainer = build_trainer(model, prepared.tokenizer, prepared.train.dataset,
-                            prepared.eval.dataset if prepared.eval else None, recipe.train, work_dir, on_event,
-                            packing=recipe.data.packing)
-    if checkpoint is not None:  # FSDP or not is known once the Trainer has its Accelerator; agree, report once
-        all_ranks_agree(lambda: check_resumable(checkpoint, fsdp=trainer.is_fsdp_enabled))
-    stop = _stop_at_step_boundary(trainer)
-    with _first_ctrl_c_requests(stop):
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    on_event("train_end", {})
-    if stop["requested"]:
-        stopped = Interrupted(f"interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
-                              f"'{work_dir / 'checkpoints'}'.", hint="Continue with the same command plus --resume.")
-        stopped.exit_code = 128 + stop["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
-        raise stopped
+def measure(model, prepared: PreparedData, recipe: Recipe, sample: dict | None, engine: Engine,
+            on_event: EventSink, *, trained: Trained | None = None) -> Measured:
+    """Held-out loss and the sample's reply. Before training (no `trained` yet) rank 0's alone, for the report:
+    nothing is sharded yet. After it every rank takes part: under FSDP each forward pass gathers all shards."""
+    from ..evaluate import evaluation_loss, generate_reply
+    from .trainer import make_collator
 
-    # 6. where we ended: eval loss and the same sample after training (every rank: under FSDP each forward pass
-    #    gathers the shards of all ranks)
+    measured = Measured()
+    if trained is None and not engine.is_main:
+        return measured
     if prepared.eval is not None:
-        on_event("stage", {"text": "evaluating after training"})
-        after = evaluation_loss(model, prepared.eval.dataset, collator, batch_size=recipe.train.batch_size)
-    sharded = is_sharded(trainer.model_wrapped)
+        on_event("stage", {"text": f"evaluating {'after' if trained else 'before'} training"})
+        measured.eval = EvalResult(**evaluation_loss(model, prepared.eval.dataset, make_collator(prepared.tokenizer),
+                                                     batch_size=recipe.train.batch_size))
     if sample:
-        with whole_root(trainer.model_wrapped):
-            sample_after = generate_reply(model, prepared.tokenizer, sample["prompt"], synced_gpus=sharded or None)
-
-    # 7. the adapter (plain PEFT format) and the run summary, then the atomic rename; under FSDP the adapter is
-    #    gathered whole from the shards first (every rank takes part), so rank 0 saves all of it
-    gathered = sharded or zero3_partitioned(model)  # model.state_dict() would hold shards: save the gathered ones
-    adapter = trained_tensors(trainer.model_wrapped if sharded else model)
-    weights_digest = _trainable_digest(adapter)
-    if not main:  # the other ranks trained the same adapter; rank 0 alone writes and publishes it
-        return {"status": "complete", "rank": int(os.environ.get("RANK", "0")), "name": recipe.name,
-                "trainable_sha256": weights_digest}
-    on_event("stage", {"text": "saving adapter"})
-    model.save_pretrained(work_dir / "adapter", **({"state_dict": adapter} if gathered else {}))
-    losses = [r["loss"] for r in _read_metrics(work_dir / "metrics.jsonl") if "loss" in r]
-    summary = {
-        "status": "complete",
-        "name": recipe.name,
-        "run_dir": str(out_dir),
-        "adapter_dir": str(out_dir / "adapter"),
-        "recipe_digest": recipe.digest(),
-        "seed": recipe.train.seed,
-        "base_model": {"path": str(prepared.folder.path), "architecture": prepared.folder.architecture,
-                       "files": base_digests},
-        "data": _data_summary(prepared),
-        "tokens": {"train": prepared.train.stats.as_dict(),
-                   "eval": prepared.eval.stats.as_dict() if prepared.eval else None},
-        "parameters": {"trainable": trainable, "total": total, "trainable_sha256": weights_digest},
-        "train": {
-            "steps": trainer.state.global_step,
-            "resumed_from_step": checkpoint_step(checkpoint) if checkpoint else None,
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "train_loss": output.training_loss,
-            "tokens_seen": trainer.state.num_input_tokens_seen,
-            "runtime_s": output.metrics.get("train_runtime"),
-            "processes": world_size(),
-            "fsdp": sharded,  # False when accelerate ran an FSDP launch as DDP (on CPU)
-        },
-        "eval": {"before": before, "after": after},
-        "sample": {**sample, "before": sample_before, "after": sample_after} if sample else None,
-        "versions": environment_versions(),
-        "started_at": started_at,
-        "finished_at": _now(),
-        "wall_time_s": round(time.monotonic() - clock, 2),
-    }
-    # 8. provenance inside the adapter, then the signature over all of it (adapter.sig beside adapter/); both
-    #    before the rename, so nothing signed-looking is ever published for an unfinished run
-    from ..trust.hashing import describe_folder
-    from ..trust.oms import sign_folder
-    from ..trust.provenance import write_provenance
-
-    on_event("stage", {"text": "writing provenance" + (" and signing" if sign_key else "")})
-    write_provenance(work_dir / "adapter", {**summary, "recipe": recipe.model_dump(mode="json")})
-    summary["signature"] = None
-    if sign_key:
-        signed = sign_folder(work_dir / "adapter", Path(sign_key), sig_path=work_dir / "adapter.sig")
-        summary["signature"] = {"path": str(out_dir / "adapter.sig"), "key_hint": signed["key_hint"]}
-        summary["adapter_digest"] = signed["subject_digest"]
-    else:
-        summary["adapter_digest"] = describe_folder(work_dir / "adapter")["subject_digest"]
-    summary["loss_plot"] = _loss_plot(work_dir, out_dir, summary, on_event)
-    (work_dir / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    publish(work_dir, out_dir)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # after: a kill before the publish can still resume
-    return summary
+        wrapped = trained.model_wrapped if trained else None
+        with engine.generation_context(wrapped):
+            measured.reply = generate_reply(model, prepared.tokenizer, sample["prompt"],
+                                            synced_gpus=engine.sharded(wrapped) or None)
+    return measured
 
 
-def _loss_plot(work_dir: Path, out_dir: Path, summary: dict, on_event: EventSink) -> str | None:
-    """loss.png beside run.json. A picture is not worth a finished run: failing to draw it is a warning."""
-    from .loss_plot import write_loss_plot
+def describe_run(recipe: Recipe, target: Target, prepared: PreparedData, base_files: dict[str, str],
+                 loaded: LoadedModel, trainable_sha256: str, trained: Trained, engine: Engine, before: Measured,
+                 after: Measured, sample: dict | None, *, started_at: str, clock: float) -> RunRecord:
+    """The record of the run as trained. Its adapter digest (and signature) come once the adapter folder is final
+    (finish.seal_adapter): until then the digest is empty."""
+    from .checkpoints import checkpoint_step
 
-    evals = summary["eval"]
-    try:
-        write_loss_plot(work_dir / "loss.png", _read_metrics(work_dir / "metrics.jsonl"),
-                        eval_before=(evals["before"] or {}).get("loss"), eval_after=(evals["after"] or {}).get("loss"),
-                        final_step=summary["train"]["steps"], title=f"{summary['name']}: loss and learning rate")
-    except Exception as exc:  # noqa: BLE001 - matplotlib can fail in many ways (fonts, cache dir); none matter here
-        on_event("warning", {"text": f"loss.png was not drawn: {type(exc).__name__}: {exc}"})
-        return None
-    return str(out_dir / "loss.png")
-
-
-def _trainable_digest(tensors: dict) -> str:
-    """sha256 over the trained (LoRA) tensors in name order: equal on every rank of a correct DDP or FSDP run."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        digest.update(name.encode())
-        digest.update(tensor.float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _stop_at_step_boundary(trainer) -> dict:
-    """A callback that, once asked, finishes the current step, saves a checkpoint and ends training."""
-    from transformers import TrainerCallback
-
-    stop = {"requested": False}
-
-    class StopWhenAsked(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if stop["requested"]:
-                control.should_save = True
-                control.should_training_stop = True
-
-    trainer.add_callback(StopWhenAsked())
-    return stop
-
-
-@contextmanager
-def _first_ctrl_c_requests(stop: dict):
-    """The first Ctrl-C (or SIGTERM, as sent by schedulers) asks for a clean stop at the next step boundary; a
-    second one stops at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"], stop["signal"] = True, signum
-
-    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    losses = trained.losses
+    return RunRecord(
+        name=recipe.name, run_dir=str(target.out_dir), adapter_dir=str(target.out_dir / "adapter"),
+        recipe_digest=recipe.digest(), seed=recipe.train.seed,
+        base_model=BaseModelRef(path=str(prepared.folder.path), architecture=prepared.folder.architecture,
+                                files=base_files),
+        data=DataRefs.model_validate(_data_summary(prepared)),
+        tokens=TokenRefs.model_validate({"train": prepared.train.stats.as_dict(),
+                                         "eval": prepared.eval.stats.as_dict() if prepared.eval else None}),
+        parameters=Parameters(trainable=loaded.trainable, total=loaded.total, trainable_sha256=trainable_sha256),
+        train=TrainResult(
+            steps=trained.steps, resumed_from_step=checkpoint_step(target.checkpoint) if target.checkpoint else None,
+            first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+            train_loss=trained.train_loss, tokens_seen=trained.tokens_seen, runtime_s=trained.runtime_s,
+            processes=engine.processes, fsdp=engine.sharded(trained.model_wrapped)),
+        eval=EvalRefs(before=before.eval, after=after.eval),
+        sample=Sample(**sample, before=before.reply, after=after.reply) if sample else None,
+        versions=environment_versions(), started_at=started_at, finished_at=_now(),
+        wall_time_s=round(time.monotonic() - clock, 2), adapter_digest="")
 
 
 def _data_summary(prepared: PreparedData) -> dict:
@@ -398,12 +285,6 @@ def _sample_conversation(files) -> dict | None:
     return None
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -420,4 +301,5 @@ def environment_versions() -> dict:
     return out
 
 
-__all__ = ["dry_run", "finetune", "load_recipe", "prepare_inputs", "environment_versions"]
+# quiet_deepspeed_on_cpu (train/engine.py) is listed for the CLI, which calls it before anything imports accelerate
+__all__ = ["dry_run", "environment_versions", "finetune", "prepare_inputs", "quiet_deepspeed_on_cpu"]

@@ -12,15 +12,31 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..events import EventSink
 from ..recipe import Recipe
 
 # What may change on --resume: the run's length, who signs it (the signing key changes who vouches for the adapter,
 # not the adapter) and what is logged; nothing that changes the weights.
 RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps"), ("output", "sign_key"), ("train", "tensorboard"),
                     ("train", "logging_steps"), ("train", "eval_steps")}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a run goes, and where it continues from."""
+
+    out_dir: Path  # the finished run, once published
+    work_dir: Path  # OUT.partial/: the run while it runs (checkpoints, metrics.jsonl, recipe.yaml, inputs.json)
+    checkpoint: Path | None = None  # the checkpoint --resume continues from
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "Target":
+        out_dir = Path(recipe.output.dir)
+        return cls(out_dir, out_dir.with_name(out_dir.name + ".partial"))
 
 
 def refuse_overlapping_inputs(recipe: Recipe, out_dir: Path, work_dir: Path) -> None:
@@ -75,7 +91,7 @@ def run_lock(out_dir: Path):
 def check_targets(recipe: Recipe, out_dir: Path, work_dir: Path, *, resume: bool, overwrite: bool, main: bool):
     """Return the checkpoint to resume from (or None), after refusing anything that would lose work."""
     from ..guard.paths import refuse_foreign
-    from .trainer import latest_checkpoint
+    from .checkpoints import latest_checkpoint
 
     refuse_overlapping_inputs(recipe, out_dir, work_dir)
     if not main:  # rank 0 checks and creates; another rank's check would race with rank 0's mkdir
@@ -113,7 +129,7 @@ def _checkpoint_to_resume(work_dir: Path) -> Path | None:
 
     None when the unfinished run was stopped before its first checkpoint was complete: it starts again from step 0,
     as nothing of it was kept."""
-    from .trainer import resume_point
+    from .checkpoints import resume_point
 
     checkpoint = resume_point(work_dir / "checkpoints")
     if checkpoint is None and not work_dir.is_dir():
@@ -179,12 +195,40 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def publish(work_dir: Path, out_dir: Path) -> None:
-    """Swap the finished run into place; an older run at the target is removed only after the swap."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(work_dir, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def start_afresh(target: Target, *, resume: bool, on_event: EventSink) -> None:
+    """An unfinished run the user chose to --overwrite, or to --resume when none of it was kept: an empty
+    work_dir. (Rank 0 only; the checks before made sure nothing else is lost.)"""
+    if resume:
+        on_event("warning", {"text": f"no complete checkpoint in '{target.work_dir}' (the run was stopped before "
+                                     "its first one was written): starting again from step 0"})
+    shutil.rmtree(target.work_dir, ignore_errors=True)
+    target.work_dir.mkdir(parents=True)
+
+
+def record_inputs(target: Target, base_model: Path, data_files: list, *, main: bool,
+                  on_event: EventSink) -> dict[str, str]:
+    """Hash the base model's files and record them with the data files' digests in inputs.json, or, when
+    resuming, check they are the ones recorded. Returns the base model's {file name: sha256}."""
+    from ..trust.hashing import digest_folder
+    from .ranks import all_ranks_agree
+
+    on_event("stage", {"text": "hashing base model"})
+    base_digests = digest_folder(base_model)
+    inputs = {"data": [[str(f.path), f.sha256] for f in data_files], "base_model": base_digests}
+    all_ranks_agree(lambda: check_same_inputs(target.work_dir / "inputs.json", inputs,
+                                              resume=target.checkpoint is not None) if main else None)
+    return base_digests
+
+
+def ready_to_train(target: Target, recipe: Recipe, on_event: EventSink) -> list[dict]:
+    """Rank 0, just before training: the resolved recipe written; when resuming, what the Trainer must not find
+    removed and metrics.jsonl cut back to the checkpoint. Returns the metrics lines kept (none for a fresh run)."""
+    from .checkpoints import checkpoint_step, discard_unusable, trim_metrics
+
+    write_atomic(target.work_dir / "recipe.yaml", recipe.to_yaml())
+    if target.checkpoint is None:
+        return []
+    discard_unusable(target.work_dir / "checkpoints", target.checkpoint, on_event)
+    kept = trim_metrics(target.work_dir / "metrics.jsonl", checkpoint_step(target.checkpoint))
+    on_event("stage", {"text": f"resuming from {target.checkpoint.name}"})
+    return kept

@@ -1,17 +1,21 @@
-"""transformers.Trainer wiring: arguments from the recipe, metrics.jsonl, progress events, checkpoints, resume."""
+"""transformers.Trainer wiring: arguments from the recipe, metrics.jsonl, progress events, a clean stop on
+Ctrl-C or SIGTERM, resume; `train` runs it and hands on what it measured (the metrics history included)."""
 
 from __future__ import annotations
 
 import json
-import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, Interrupted
 from ..events import EventSink
 from ..recipe import TrainSection
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from .checkpoints import check_resumable, mark_complete
+from .ranks import all_ranks_agree
 
 
 def make_collator(tokenizer):
@@ -62,14 +66,6 @@ def _slices_logits(model) -> bool:
         model = getattr(model, wrapper, model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
     return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def supervised_token_losses(model, batch: dict):
-    """Cross-entropy of every supervised token of `batch`, in row-major order (fp32 whatever the model dtype)."""
-    import torch.nn.functional as F
-
-    outputs, targets = supervised_logits(model, batch)
-    return F.cross_entropy(outputs.logits.float(), targets, reduction="none")
 
 
 def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: bool, packing: bool = True):
@@ -125,117 +121,12 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
     )
 
 
-COMPLETE_MARKER = "msov-complete"  # written last, fsynced: the Trainer itself writes checkpoint-N/ in place
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    found = checkpoints(checkpoint_dir)
-    complete = [p for p in found if is_complete(p)]
-    return complete[-1] if complete else None
-
-
-def resume_point(checkpoint_dir: Path) -> Path | None:
-    """The checkpoint --resume continues from: the newest complete one, unless it was written at the run's last step
-    (a kill during the adapter's export). Resumed there, the Trainer (transformers 5.x) trains one step past the end
-    and checkpoints it, and a second resume from that one gave another adapter; so the one before it is taken and
-    its last steps run again (or the run starts over when there is none)."""
-    complete = [p for p in checkpoints(checkpoint_dir) if is_complete(p)]
-    if complete:
-        state = json.loads((complete[-1] / "trainer_state.json").read_text())
-        if state.get("global_step", 0) >= state.get("max_steps", float("inf")):
-            complete.pop()
-    return complete[-1] if complete else None
-
-
-def checkpoints(checkpoint_dir: Path) -> list[Path]:
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def is_complete(checkpoint: Path) -> bool:
-    """Marked complete after every file was fsynced, and still readable (a later truncation is caught too)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not (checkpoint / COMPLETE_MARKER).is_file():
-        return False
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        for weights in checkpoint.rglob("*.safetensors"):
-            with safe_open(str(weights), framework="pt") as handle:
-                for name in handle.keys():
-                    handle.get_slice(name)
-    except (OSError, ValueError, SafetensorError):
-        return False
-    return True
-
-
-def mark_complete(checkpoint: Path) -> None:
-    import os
-
-    for item in sorted(checkpoint.rglob("*")):
-        if item.is_file():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write("ok\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
-    for folder in (checkpoint, checkpoint.parent):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def check_resumable(checkpoint: Path, *, fsdp: bool) -> None:
-    """The Trainer reads a checkpoint back only into the engine that wrote it: FSDP's is sharded (accelerate's
-    pytorch_model_fsdp_0/ and optimizer_0/), any other is a PEFT adapter beside optimizer.pt. Measured
-    (transformers 5.24, accelerate 1.15): a switch fails only after the model is loaded, with "ValueError: Checkpoint
-    found at ... is only supported when using PyTorch FSDP" one way and FileNotFoundError on optimizer_0 the other."""
-    sharded = any(p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())
-    if sharded == fsdp:
-        return
-    wrote, now = ("under FSDP", "without FSDP") if sharded else ("without FSDP (one process or DDP)", "under FSDP")
-    raise InputError(f"--resume: '{checkpoint}' was written by a run {wrote} and this launch trains {now}; a "
-                     "checkpoint can be resumed only by the engine that wrote it.",
-                     hint="Resume with the launch command of the interrupted run (the same accelerate config), "
-                          "or start again with --overwrite.")
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(CHECKPOINT_RE.match(checkpoint.name).group(1))
-
-
-def trim_metrics(metrics_file: Path, after_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint: those steps run again and will be logged again."""
-    if not metrics_file.is_file():
-        return
-    kept = [line for line in metrics_file.read_text(errors="replace").splitlines()
-            if (record := _json_or_none(line)) is not None and record.get("step", 0) <= after_step]
-    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(metrics_file)
-
-
-def _json_or_none(line: str):
-    """A kill mid-write leaves a torn last line: it is dropped (its step runs again and is logged again)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _callbacks(metrics_file: Path, on_event: EventSink):
+def _callbacks(metrics_file: Path, on_event: EventSink, history: list[dict]):
     from transformers import TrainerCallback
 
     class MetricsAndProgress(TrainerCallback):
-        """One metrics.jsonl line per logging step; progress events for whoever renders them."""
+        """One metrics.jsonl line per logging step, kept in `history` too (the run reads it from there, not back
+        from the file); progress events for whoever renders them."""
 
         def __init__(self):
             self.started = time.monotonic()
@@ -257,8 +148,10 @@ def _callbacks(metrics_file: Path, on_event: EventSink):
                 return
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
             record["tokens_seen"] = state.num_input_tokens_seen
+            line = json.dumps(record, sort_keys=True)
             with open(metrics_file, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
+                handle.write(line + "\n")
+            history.append(json.loads(line))  # as a reader of metrics.jsonl would find it
             on_event("log", record)
 
         def on_save(self, args, state, control, **kwargs):
@@ -311,7 +204,8 @@ def _trainer_class():
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSection, work_dir: Path,
-                  on_event: EventSink, *, packing: bool = True):
+                  on_event: EventSink, *, packing: bool = True, history: list[dict] | None = None):
+    """The Trainer for one run; each line it logs to metrics.jsonl is appended to `history` as well."""
     from transformers import PrinterCallback
 
     args = training_arguments(train, work_dir / "checkpoints", has_eval=eval_dataset is not None, packing=packing)
@@ -324,8 +218,86 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSec
         data_collator=make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
                                           attn_implementation=attn),
         processing_class=tokenizer,
-        callbacks=_callbacks(work_dir / "metrics.jsonl", on_event)
+        callbacks=_callbacks(work_dir / "metrics.jsonl", on_event, [] if history is None else history)
         + ([tensorboard_callback(work_dir / "tensorboard")] if train.tensorboard else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the CLI renders progress instead
     return trainer
+
+
+@dataclass
+class Trained:
+    """What a finished `train` hands on: the Trainer's own figures, the metrics history and the module it trained
+    through (the PEFT model wrapped by DDP, FSDP or DeepSpeed: what gathering and generation must go through)."""
+
+    steps: int
+    train_loss: float  # the Trainer's mean since the (last) start
+    tokens_seen: int
+    runtime_s: float | None
+    model_wrapped: object
+    metrics: list[dict] = field(default_factory=list)  # metrics.jsonl's lines, earlier ones of a resumed run first
+
+    @property
+    def losses(self) -> list[float]:
+        return [line["loss"] for line in self.metrics if "loss" in line]
+
+
+def train(model, tokenizer, train_dataset, eval_dataset, settings: TrainSection, work_dir: Path,
+          on_event: EventSink, *, packing: bool, resume_from: Path | None = None,
+          earlier_metrics: list[dict] | None = None) -> Trained:
+    """Train (from `resume_from` when resuming, `earlier_metrics` being what was logged before it). The first
+    Ctrl-C or SIGTERM ends training at the next step boundary with a checkpoint, raised as Interrupted."""
+    history = list(earlier_metrics or [])
+    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, settings, work_dir, on_event,
+                            packing=packing, history=history)
+    if resume_from is not None:  # FSDP or not is known once the Trainer has its Accelerator; agree, report once
+        all_ranks_agree(lambda: check_resumable(resume_from, fsdp=trainer.is_fsdp_enabled))
+    stop = _stop_at_step_boundary(trainer)
+    with _first_ctrl_c_requests(stop):
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    on_event("train_end", {})
+    if stop["requested"]:
+        stopped = Interrupted(f"interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
+                              f"'{work_dir / 'checkpoints'}'.", hint="Continue with the same command plus --resume.")
+        stopped.exit_code = 128 + stop["signal"]  # 130 after Ctrl-C, 143 after SIGTERM, as shells report them
+        raise stopped
+    return Trained(steps=trainer.state.global_step, train_loss=output.training_loss,
+                   tokens_seen=trainer.state.num_input_tokens_seen, runtime_s=output.metrics.get("train_runtime"),
+                   model_wrapped=trainer.model_wrapped, metrics=history)
+
+
+def _stop_at_step_boundary(trainer) -> dict:
+    """A callback that, once asked, finishes the current step, saves a checkpoint and ends training."""
+    from transformers import TrainerCallback
+
+    stop = {"requested": False}
+
+    class StopWhenAsked(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop["requested"]:
+                control.should_save = True
+                control.should_training_stop = True
+
+    trainer.add_callback(StopWhenAsked())
+    return stop
+
+
+@contextmanager
+def _first_ctrl_c_requests(stop: dict):
+    """The first Ctrl-C (or SIGTERM, as sent by schedulers) asks for a clean stop at the next step boundary; a
+    second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"], stop["signal"] = True, signum
+
+    previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
