@@ -15,9 +15,6 @@ from ..record import RunRecord, SignatureRef
 from ..recipe import Recipe
 from .run_folder import Target
 
-# Added to the record once the adapter folder (provenance included) is final; the provenance never held them.
-SEALING_FIELDS = ("schema", "signature", "adapter_digest", "loss_plot")
-
 
 def seal_adapter(record: RunRecord, recipe: Recipe, target: Target, sign_key: str | None,
                  on_event: EventSink) -> RunRecord:
@@ -29,8 +26,7 @@ def seal_adapter(record: RunRecord, recipe: Recipe, target: Target, sign_key: st
 
     adapter = target.work_dir / "adapter"
     on_event("stage", {"text": "writing provenance" + (" and signing" if sign_key else "")})
-    facts = {key: value for key, value in record.to_json().items() if key not in SEALING_FIELDS}
-    write_provenance(adapter, {**facts, "recipe": recipe.model_dump(mode="json")})
+    write_provenance(adapter, record, recipe.model_dump(mode="json"))  # reads no digest or signature: none yet
     if not sign_key:
         return record.model_copy(update={"adapter_digest": describe_folder(adapter)["subject_digest"]})
     signed = sign_folder(adapter, Path(sign_key), sig_path=target.work_dir / "adapter.sig")
