@@ -317,12 +317,14 @@ def test_killed_export_leaves_nothing(trained_run, sharded_model, keys, tmp_path
     shutil.copytree(trained_run, run)
     summary = json.loads((run / "run.json").read_text())
     from mistral_sov.trust.hashing import digest_folder
+    from mistral_sov.record import RunRecord
     from mistral_sov.trust.provenance import write_provenance
 
     summary["base_model"] = {"path": str(sharded_model), "files": digest_folder(sharded_model)}
     (run / "run.json").write_text(json.dumps(summary))
     # the run as if trained on the sharded base: its record rewritten to match (an unsigned seal allows this)
-    write_provenance(run / "adapter", {**summary, "recipe": yaml.safe_load((run / "recipe.yaml").read_text())})
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    write_provenance(run / "adapter", RunRecord.read(run / "run.json"), recipe)
 
     def start(out):  # not --json: the stage lines on stderr tell where the export is
         return subprocess.Popen([*MSOV, "export", run, "--merge", "--out", out, "--shard-size", "200KB",

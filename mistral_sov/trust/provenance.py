@@ -30,7 +30,7 @@ BUILDER_ID = "urn:msov:builder:local"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def write_provenance(folder: Path, record: RunRecord | dict | None, recipe: dict | None = None, *,
+def write_provenance(folder: Path, record: RunRecord | None, recipe: dict | None, *,
                      weight_digests: dict[str, str] | None = None, export: dict | None = None) -> Path:
     """Write FOLDER/msov/provenance.json (atomically) from the run's record and its resolved recipe.
 
@@ -39,20 +39,11 @@ def write_provenance(folder: Path, record: RunRecord | dict | None, recipe: dict
     made the weights: what was merged, into which base, in which dtype) is recorded as externalParameters.export.
     """
     folder = Path(folder)
-    if isinstance(record, dict):  # transition: a run.json-like dict with "recipe" inside (train/finish.py)
-        record, recipe = _legacy_record(record), record.get("recipe")
     if weight_digests is None:
         weight_digests = _hash_weights(folder)
     if not weight_digests:
         raise InputError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to describe in provenance.")
     return write_statement(folder, build_statement(record, recipe, weight_digests, export))
-
-
-def _legacy_record(run: dict) -> RunRecord:
-    """The record a pre-RunRecord caller described as a dict; the adapter's digest is not known yet when
-    provenance is written (the provenance is part of what it digests), and the statement does not hold it."""
-    facts = {key: value for key, value in run.items() if key not in ("recipe", "hardware")}
-    return RunRecord.from_json({"adapter_digest": "", **facts}, source="provenance input")
 
 
 def build_statement(record: RunRecord | None, recipe: dict | None, weight_digests: dict[str, str],
