@@ -6,6 +6,10 @@ without a shared file system) would leave the others waiting inside the first co
 `all_ranks_agree` runs the input checks on every rank, then exchanges the outcomes: if any rank failed, every
 rank stops, rank 0 reports the first failure (naming the rank when only some failed), and the others exit
 with the same code, silently.
+
+A failure during training has no such agreement: `unexpected_failure` and `as_reported` decide what each rank
+says about it (a `Failure`), so that the one rank that failed speaks and its peers, which only see a broken
+collective, stay quiet. The CLI renders the `Failure`; nothing here prints.
 """
 
 from __future__ import annotations
