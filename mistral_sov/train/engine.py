@@ -14,6 +14,7 @@ import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import InputError, MsovError
@@ -63,7 +64,8 @@ class Engine:
         return GatheredAdapter(tensors=trained_tensors(model_wrapped if sharded else model), partitioned=partitioned)
 
     def generation_context(self, model_wrapped):
-        """Where `model.generate` may run after training: the FSDP root's own parameters gathered."""
+        """Where `model.generate` may run: under FSDP, with the root's own parameters gathered (nothing to do
+        before training, `model_wrapped` None, or for any other engine)."""
         return _whole_root(model_wrapped)
 
 
@@ -72,7 +74,7 @@ class GatheredAdapter:
     tensors: dict  # PEFT's names -> whole tensors
     partitioned: bool  # the model's own state_dict() holds shards: save these tensors instead
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return trainable_digest(self.tensors)
 
