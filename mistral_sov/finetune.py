@@ -38,7 +38,7 @@ class PreparedData:
 
     folder: object  # modeling.ModelFolder
     tokenizer: object
-    train_files: list = field(default_factory=list)  # data.LoadedData
+    train_files: list = field(default_factory=list)  # data.LoadedData, checked and counted; records not kept
     eval_files: list = field(default_factory=list)
     train: object = None  # data.TokenizedData
     eval: object = None
@@ -48,7 +48,7 @@ class PreparedData:
 def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weights: bool = True) -> PreparedData:
     """Check the model folder, load and validate every data file, tokenise. Raises on the first bad input."""
     enforce_offline_env()
-    from .data import load_data_file, tokenize_records
+    from .data import iter_records, load_data_file, tokenize_records
     from .modeling import inspect_model_folder, load_tokenizer
 
     on_event("stage", {"text": "checking model folder"})
@@ -70,18 +70,26 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weight
 
     on_event("stage", {"text": "loading and validating data"})
     prepared = PreparedData(folder=folder, tokenizer=tokenizer)
-    prepared.train_files = [load_data_file(f.path, f.format, split=f.split) for f in recipe.data.train]
-    prepared.eval_files = [load_data_file(f.path, f.format, split=f.split) for f in recipe.data.eval]
-    prepared.scan = _scan_summary(prepared.train_files + prepared.eval_files, on_event)
+    # Each file is checked row by row and nothing is kept; then read again, one record at a time, into the scan
+    # and the tokeniser together: no list of every record (or of every encoded row) is ever held.
+    prepared.train_files = [load_data_file(f.path, f.format, split=f.split, keep_records=False)
+                            for f in recipe.data.train]
+    prepared.eval_files = [load_data_file(f.path, f.format, split=f.split, keep_records=False)
+                           for f in recipe.data.eval]
+    from .data.scan import ScanReport, scanned
+
+    report = ScanReport()
 
     def tokenise(files):
-        records = [record for loaded in files for record in loaded.records]
+        records = (record for loaded in files for _, record in
+                   scanned(report, str(loaded.path), iter_records(loaded.path, loaded.format, loaded.split)))
         return tokenize_records(records, tokenizer, max_seq_len=recipe.train.max_seq_len,
                                 overlong=recipe.data.overlong, train_on=recipe.data.train_on)
 
-    on_event("stage", {"text": "tokenising"})
+    on_event("stage", {"text": "scanning and tokenising"})
     prepared.train = tokenise(prepared.train_files)
     prepared.eval = tokenise(prepared.eval_files) if prepared.eval_files else None
+    prepared.scan = _scan_summary(report, on_event)
     return prepared
 
 
@@ -368,13 +376,8 @@ def _data_summary(prepared: PreparedData) -> dict:
     return {"train": files(prepared.train_files), "eval": files(prepared.eval_files), "scan": prepared.scan}
 
 
-def _scan_summary(files, on_event: EventSink) -> dict:
-    """Scan what will be trained on for personal data and secrets; warn, and keep only the counts."""
-    from .data.scan import ScanReport, scan_rows
-
-    report = ScanReport()
-    for loaded in files:
-        scan_rows(report, str(loaded.path), zip(loaded.places or map(str, range(1, loaded.rows + 1)), loaded.records))
+def _scan_summary(report, on_event: EventSink) -> dict:
+    """Warn about likely personal data and secrets found in what will be trained on; keep only the counts."""
     if report.counts:
         found = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts.items()))
         on_event("warning", {"text": f"the training data contains likely personal data or secrets ({found}); "
@@ -383,9 +386,15 @@ def _scan_summary(files, on_event: EventSink) -> dict:
 
 
 def _sample_conversation(files) -> dict | None:
-    """The first conversation of the held-out data, cut before its last answer: the demo's before/after probe."""
+    """The first conversation of the held-out data, cut before its last answer: the demo's before/after probe.
+    Files are read again only up to that conversation (completion files hold none)."""
+    from .data import iter_records
+
     for loaded in files:
-        for record in loaded.records:
+        if loaded.format == "completion":
+            continue
+        records = loaded.records or (record for _, record in iter_records(loaded.path, loaded.format, loaded.split))
+        for record in records:
             messages = record.get("messages")
             if messages and messages[-1]["role"] == "assistant":
                 return {"prompt": messages[:-1], "reference": messages[-1]["content"]}
