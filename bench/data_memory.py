@@ -9,11 +9,11 @@ Measured on 2 shared cores (30 MB = 98k rows, 300 MB = 975k rows), peak RSS (CPU
 time meant little on a machine other jobs loaded 3-4x):
     data validate        before streaming 280 MB / 2,480 MB; row by row: 35 MB / 35 MB (2.8 s / 32 s CPU)
     finetune --dry-run   records and encoded rows held as Python lists: 30 MB: 1,338 MB (147 s CPU);
-                         300 MB: past 3.5 GB and still growing after 730 s CPU (the run was not waited for)
+                         300 MB: past 3.7 GB and still growing after 800 s CPU (stopped there, not waited for)
                          streamed (files checked, then read again into scan + tokeniser, rows written to a
                          memory-mapped Arrow file in the temp folder): 30 MB: 531 MB (129 s CPU), the same as a
-                         1,000-row file (537 MB: torch and transformers loaded); 300 MB: 399 MB through the first
-                         ~130k rows (77 MB of the Arrow output; RSS flat since the start; the run was not waited for)
+                         1,000-row file (537 MB: torch and transformers loaded); 300 MB: 400 MB through the
+                         first ~215k rows (126 MB of Arrow output, 214 s CPU; flat from the start; stopped there)
 """
 
 from __future__ import annotations
