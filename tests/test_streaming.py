@@ -75,7 +75,7 @@ def test_prepare_inputs_keeps_no_records_and_tokens_are_on_disk(tiny_model, tmp_
 
 def test_rows_are_written_while_records_are_read(tok, tmp_path, monkeypatch):
     """Rows reach the Arrow file batch by batch while the input is still being read: no list of them is built."""
-    import mistral_sov.data.tokens as tokens
+    from mistral_sov.data import tokens
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(tokens, "_BATCH", 10)

@@ -269,8 +269,7 @@ def redact_files(paths: list[Path], out: Path) -> ScanReport:
 def _write_like(suffix: str, rows: Iterable[dict], target: Path, *, source: Path) -> None:
     if suffix == ".jsonl":
         with open(target, "w", encoding="utf-8") as handle:
-            for r in rows:
-                handle.write(json.dumps(r, ensure_ascii=False) + "\n")
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     elif suffix == ".json":
         target.write_text(json.dumps(list(rows), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     elif suffix == ".csv":
