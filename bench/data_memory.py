@@ -5,9 +5,15 @@
 The files go to /tmp (never the repo). Each command runs in its own process; its peak RSS is the child's
 ru_maxrss, as the kernel counts it. Streaming reads aim for the larger file within ~1.5x of the smaller.
 
-Measured on 2 shared cores (30 MB = 98k rows, 300 MB = 975k rows), peak RSS:
-    data validate        before streaming 280 MB / 2,480 MB; row by row: 34 MB / 34 MB (4 s / 36 s)
-    finetune --dry-run   30 MB: 1,373 MB before, 1,344 MB after (records and token lists are still Python lists)
+Measured on 2 shared cores (30 MB = 98k rows, 300 MB = 975k rows), peak RSS (CPU seconds, user + system: wall
+time meant little on a machine other jobs loaded 3-4x):
+    data validate        before streaming 280 MB / 2,480 MB; row by row: 35 MB / 35 MB (2.8 s / 32 s CPU)
+    finetune --dry-run   records and encoded rows held as Python lists: 30 MB: 1,338 MB (147 s CPU);
+                         300 MB: past 3.7 GB and still growing after 800 s CPU (stopped there, not waited for)
+                         streamed (files checked, then read again into scan + tokeniser, rows written to a
+                         memory-mapped Arrow file in the temp folder): 30 MB: 531 MB (129 s CPU), the same as a
+                         1,000-row file (537 MB: torch and transformers loaded); 300 MB: 400 MB through the
+                         first ~215k rows (126 MB of Arrow output, 214 s CPU; flat from the start; stopped there)
 """
 
 from __future__ import annotations
@@ -38,15 +44,17 @@ def generate(path: Path, megabytes: int) -> int:
     return rows
 
 
-def peak_rss(args: list[str]) -> tuple[float, float, int]:
-    """(peak MB, seconds, exit code) of one child process."""
+def peak_rss(args: list[str]) -> tuple[float, float, float, int]:
+    """(peak MB, wall seconds, CPU seconds, exit code) of one child process. CPU seconds (user + system) stay
+    comparable on a shared, loaded machine, where wall time does not."""
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the table, not the commands' JSON
         os.execv(sys.executable, [sys.executable, "-m", "mistral_sov", *args])
     _, status, usage = os.wait4(pid, 0)
-    return usage.ru_maxrss / 1024, time.perf_counter() - start, os.waitstatus_to_exitcode(status)
+    return (usage.ru_maxrss / 1024, time.perf_counter() - start, usage.ru_utime + usage.ru_stime,
+            os.waitstatus_to_exitcode(status))
 
 
 def main() -> None:
@@ -60,7 +68,7 @@ def main() -> None:
     if not options.skip_dry_run and not model.is_dir():
         subprocess.run([sys.executable, "-m", "mistral_sov", "tiny-model", str(model)], check=True,
                        stdout=subprocess.DEVNULL)
-    print(f"{'file':>8} {'rows':>9} {'command':>18} {'peak RSS MB':>12} {'seconds':>8} {'exit':>5}")
+    print(f"{'file':>8} {'rows':>9} {'command':>18} {'peak RSS MB':>12} {'wall s':>8} {'CPU s':>8} {'exit':>5}")
     for megabytes in map(int, options.sizes.split(",")):
         data = options.dir / f"chat_{megabytes}mb.jsonl"
         rows = generate(data, megabytes)
@@ -72,8 +80,9 @@ def main() -> None:
                               f"output: {{dir: {options.dir / 'out'}}}\n")
             runs.append(("finetune --dry-run", ["finetune", str(recipe), "--dry-run", "--json"]))
         for name, args in runs:
-            mb, seconds, code = peak_rss(args)
-            print(f"{megabytes:>6}MB {rows:>9,} {name:>18} {mb:>12,.0f} {seconds:>8.1f} {code:>5}", flush=True)
+            mb, seconds, cpu, code = peak_rss(args)
+            print(f"{megabytes:>6}MB {rows:>9,} {name:>18} {mb:>12,.0f} {seconds:>8.1f} {cpu:>8.1f} {code:>5}",
+                  flush=True)
 
 
 if __name__ == "__main__":

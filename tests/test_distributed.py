@@ -264,8 +264,8 @@ class CrashAndCount(TrainerCallback):
         if state.global_step == int(os.environ.get("FAIL_AT_STEP", "0")) and os.environ["RANK"] == "1":
             raise RuntimeError("simulated failure on rank 1")
 
-original = training._callbacks
-training._callbacks = lambda *a, **k: original(*a, **k) + [CrashAndCount()]
+original = training.trainer_callbacks
+training.trainer_callbacks = lambda *a, **k: original(*a, **k) + [CrashAndCount()]
 from mistral_sov.cli import app
 app(["finetune", *sys.argv[1:]])
 """

@@ -85,12 +85,12 @@ def test_version_off_the_tested_set_warns_only(cli, tmp_path, monkeypatch):
 
 def test_built_in_tested_versions_match_constraints():
     """Installs without constraints.txt (a wheel) compare against this table; it must not drift."""
-    from mistral_sov.tools.doctor import TESTED_FALLBACK, _canon, tested_versions
+    from mistral_sov.tools.doctor import TESTED_FALLBACK, canonical_name, tested_versions
 
     pins, source = tested_versions()
     assert source.endswith("constraints.txt")
     for name, pinned in TESTED_FALLBACK.items():
-        assert pins[_canon(name)] == pinned, name
+        assert pins[canonical_name(name)] == pinned, name
 
 
 def test_offline_variables_are_read_from_the_launch_environment():

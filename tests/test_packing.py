@@ -5,10 +5,15 @@ import json
 import pytest
 from conftest import SAMPLES, small_recipe
 
-from mistral_sov.data.packing import PackingCollator, pack_rows, packed_layout
+from mistral_sov.data.packing import PackingCollator, pack_rows
 from mistral_sov.data.tokens import IGNORE
 
 CAPACITY = 256  # two or three sample rows (57-157 tokens): the batches below need several bins and some padding
+
+
+def packed_layout(lengths: list[int], max_seq_len: int) -> list[list[int]]:
+    """The row order `PackingCollator` lays a batch out in (bins of row indices)."""
+    return pack_rows(lengths, max_seq_len)
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ class FailOnRankOne(TrainerCallback):
         if state.global_step == 2 and os.environ["RANK"] == "1":
             raise RuntimeError("simulated failure on one rank")
 
-original = training._callbacks
-training._callbacks = lambda *a, **k: original(*a, **k) + [FailOnRankOne()]
+original = training.trainer_callbacks
+training.trainer_callbacks = lambda *a, **k: original(*a, **k) + [FailOnRankOne()]
 from mistral_sov.cli import app
 app(["finetune", sys.argv[1]])
 """
@@ -68,7 +68,7 @@ def test_any_exception_in_the_checks_stops_all_ranks(monkeypatch):
     gathered = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr("mistral_sov.train.ranks._all_gather", lambda value: gathered.append(value) or [value, value])
+    monkeypatch.setattr("mistral_sov.train.ranks.all_gather", lambda value: gathered.append(value) or [value, value])
     with pytest.raises(Exception, match="unexpected PermissionError: denied") as err:
         all_ranks_agree(lambda: (_ for _ in ()).throw(PermissionError("denied")))
     assert err.value.exit_code == 1 and gathered[0]["failure"]["rank"] == 0
@@ -78,7 +78,7 @@ def test_ranks_that_found_different_inputs_stop(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     other = {"recipe": "a", "checkpoint": None}
-    monkeypatch.setattr("mistral_sov.train.ranks._all_gather", lambda value: [value, {"failure": None, "fingerprint": other}])
+    monkeypatch.setattr("mistral_sov.train.ranks.all_gather", lambda value: [value, {"failure": None, "fingerprint": other}])
     assert all_ranks_agree(lambda: "ok", fingerprint=lambda _: {"recipe": "a", "checkpoint": None}) == "ok"
     with pytest.raises(Exception) as err:
         all_ranks_agree(lambda: "ok", fingerprint=lambda _: {"recipe": "a", "checkpoint": "checkpoint-50"})

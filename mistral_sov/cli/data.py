@@ -3,9 +3,6 @@ as the model sees them (show)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -91,32 +88,10 @@ def data_convert(
     as_json: bool = JsonOpt,
 ) -> None:
     """Rewrite a data file as chat JSONL, one {"messages": [...]} per line; written whole or not at all."""
-    from ..data import load_data_file
-    from ..errors import DataError
+    from ..data.convert import convert_to_chat
 
-    if to != "chat":
-        raise DataError(f"--to {to}: unknown target; expected chat")
-    loaded = load_data_file(source, fmt)
-    lines = []
-    for place, record in zip(loaded.places, loaded.records):
-        if "messages" not in record:
-            if not record["prompt"]:
-                raise DataError(f"{source}:{place}: text: a completion row without a prompt has no user turn, so "
-                                "it cannot be written as a chat", hint="Keep such files in completion format.")
-            record = {"messages": [{"role": "user", "content": record["prompt"]},
-                                   {"role": "assistant", "content": record["completion"]}]}
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A temp name beside the target, then a rename: a reader never sees half a file.
-    handle, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(temp, out)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    emit({"status": "ok", "source": str(source), "format": loaded.format, "rows": len(lines), "out": str(out)},
+    loaded, rows = convert_to_chat(source, out, fmt, to=to)
+    emit({"status": "ok", "source": str(source), "format": loaded.format, "rows": rows, "out": str(out)},
          show.print_converted_data)
 
 

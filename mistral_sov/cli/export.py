@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -90,7 +89,7 @@ def convert(
 ) -> None:
     """Turn a native Mistral folder into a Hugging Face one, streamed tensor by tensor."""
     from ..errors import InputError
-    from ..export.stage import check_target, staged
+    from ..export.stage import check_target, publish, staged
     from ..model.mistral_native import convert_native
 
     if out.resolve().is_relative_to(native.resolve()):
@@ -98,6 +97,6 @@ def convert(
     check_target(out, overwrite=False)
     with staged(out) as stage:
         record = convert_native(native, stage.folder)
-        os.replace(stage.folder, out)  # whole or not at all
+        publish(stage.folder, out, overwrite=False)  # whole or not at all
     emit({"status": "ok", "out": str(out), **record},
          lambda screen, result: show.print_converted_model(screen, result, native))

@@ -45,7 +45,7 @@ def tiny_model(
 def plan(
     recipe: Path = RecipeArg,
     overrides: Optional[List[str]] = SetOpt,
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="memory to plan for, e.g. 24GB (GB = GiB); "
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="memory to plan for, e.g. 24GiB (GiB = 2^30 bytes, GB = 10^9); "
                                           "default: this machine's first GPU, else its available RAM"),
     as_json: bool = JsonOpt,
 ) -> None:

@@ -161,7 +161,7 @@ def _content(where: str, content, problems: Problems):
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         else:
-            problems.append((f"{where}.content[{k}]", f"expected a text part {{type: text, text}}, got "
+            problems.append((f"{where}.content[{k}]", "expected a text part {type: text, text}, got "
                              + (f"a '{kind}' part: msov trains text models only" if kind else describe(part))))
             return False
     return "".join(texts)

@@ -2,12 +2,15 @@
 
 Rows are read and checked one at a time, so checking a file (`keep_records=False`) holds no more than one row
 (one Parquet batch; a .json document is parsed whole) plus the problems found, however large the file.
+`iter_records` then reads a checked file again, one normalised record at a time, for stages (scanning,
+tokenising) that need every record but not all of them at once.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +33,7 @@ class LoadedData:
     places: list[str] = field(default_factory=list, repr=False)
     roles: list[str] = field(default_factory=list)  # speaker names as the file spells them (human, gpt, ...)
     fields: list[str] = field(default_factory=list)  # every top-level field the rows hold, used or not
+    split: str | None = None  # the DatasetDict split read, so `iter_records` can read the same rows again
 
 
 def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True, split: str | None = None,
@@ -109,7 +113,35 @@ def load_data_file(path: str | Path, fmt: str = "auto", *, sft: bool = True, spl
                         hint=f"Give a file in one of {', '.join(SFT_FORMATS)} format; `msov data validate` checks "
                              "preference files.")
     return LoadedData(path=path, format=resolved, records=records, rows=good, sha256=_digest(path),
-                      places=places, roles=list(roles), fields=list(fields))
+                      places=places, roles=list(roles), fields=list(fields), split=split if saved else None)
+
+
+def iter_records(path: str | Path, fmt: str, split: str | None = None) -> Iterator[tuple[str, dict]]:
+    """(place, record) for each record of a file `load_data_file` has accepted as `fmt` (a resolved format, as
+    in `LoadedData.format`), normalised the same way, one at a time: memory does not grow with the file (a .json
+    document is still parsed whole). A glob's places are `name:place`, as `load_data_file` gives them.
+    A row that no longer passes (the file changed since it was checked) is a DataError naming it."""
+    if glob.has_magic(str(path)):
+        for match in sorted(glob.glob(str(path), recursive=True)):
+            for place, record in iter_records(match, fmt):
+                yield f"{Path(match).name}:{place}", record
+        return
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"iter_records: {fmt!r} is not a resolved data format; expected one of {FORMATS}")
+    saved = path.is_dir()
+    items = iter_saved_dataset(path, split) if saved else STREAMS[path.suffix.lower()](path)
+    for place, row, problem in items:
+        found = [(None, problem)] if problem is not None else []
+        record = None
+        if not found:
+            record, found = check_row(fmt, row)
+        if found:
+            name, what = found[0]
+            raise DataError(format_problem(path, (place, name, what)) + " (read again after it was checked: "
+                            "the file changed meanwhile)", hint=f"Check it again with `msov data validate {path}`.")
+        if record is not None:
+            yield place, record
 
 
 def _digest(path: Path) -> str:

@@ -89,8 +89,3 @@ class PackingCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(positions, dtype=torch.long),
         }
-
-
-def packed_layout(lengths: list[int], max_seq_len: int, *, flatten: bool = False) -> list[list[int]]:
-    """The row order `PackingCollator` lays a batch out in (bins of row indices), for tests and benches."""
-    return [list(range(len(lengths)))] if flatten else pack_rows(lengths, max_seq_len)

@@ -15,10 +15,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from ..errors import DataError, UsageError
-from .readers import READERS, iter_strings
+from .readers import BATCH_ROWS, STREAMS, iter_strings
 
 EXAMPLES_PER_KIND = 5
 
@@ -181,6 +181,14 @@ def _map_strings(value, func):
 
 def scan_rows(report: ScanReport, path: str, rows: Iterable[tuple[str, object]]) -> ScanReport:
     """Add the findings of (place, row) pairs to `report`."""
+    for _ in scanned(report, path, rows):
+        pass
+    return report
+
+
+def scanned(report: ScanReport, path: str, rows: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """The same (place, row) pairs, each scanned into `report` as it passes: one read of a file can both scan and
+    tokenise it (or write a redacted copy), holding one row at a time."""
     report.files.append(path)
     for place, row in rows:
         report.rows += 1
@@ -189,20 +197,24 @@ def scan_rows(report: ScanReport, path: str, rows: Iterable[tuple[str, object]])
                 report.counts[kind] += 1
                 if sum(f.kind == kind for f in report.examples) < EXAMPLES_PER_KIND:
                     report.examples.append(Finding(kind, path, place, mask(text[start:end])))
-    return report
+        yield place, row
 
 
-def _read(path: Path):
-    reader = READERS.get(path.suffix.lower())
+def _read(path: Path) -> Iterator[tuple[str, dict]]:
+    """(place, row) one at a time (a .json document is parsed whole); the first unreadable row is an error."""
+    reader = STREAMS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{path}: unsupported data file type '{path.suffix}'; supported: {', '.join(READERS)}")
+        raise DataError(f"{path}: unsupported data file type '{path.suffix}'; supported: {', '.join(STREAMS)}")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    rows, problems = reader(path)
-    if problems:
-        place, _, what = problems[0]
-        raise DataError(f"{path}:{place}: {what}", hint=f"`msov data validate {path}` lists every problem.")
-    return rows
+    return _rows(path, reader(path))
+
+
+def _rows(path: Path, items) -> Iterator[tuple[str, dict]]:
+    for place, row, problem in items:
+        if problem is not None:
+            raise DataError(f"{path}:{place}: {problem}", hint=f"`msov data validate {path}` lists every problem.")
+        yield place, row
 
 
 def scan_files(paths: Iterable[str | Path]) -> ScanReport:
@@ -213,13 +225,14 @@ def scan_files(paths: Iterable[str | Path]) -> ScanReport:
 
 
 def redact_file(path: str | Path, out: str | Path) -> ScanReport:
-    """Write a copy of `path` with every finding replaced by [REDACTED:KIND], in the same file type, atomically."""
+    """Write a copy of `path` with every finding replaced by [REDACTED:KIND], in the same file type, atomically.
+    JSONL and CSV are written row by row as they are read, Parquet in batches; a .json array is held whole."""
     path, out = Path(path), Path(out)
     if out.resolve() == path.resolve():
         raise UsageError(f"--redact: '{out}' is the input file; write the redacted copy somewhere else.")
     rows = _read(path)
-    report = scan_rows(ScanReport(), str(path), rows)
-    redacted = [_map_strings(row, redact) for _, row in rows]
+    report = ScanReport()
+    redacted = (_map_strings(row, redact) for _, row in scanned(report, str(path), rows))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
@@ -253,11 +266,12 @@ def redact_files(paths: list[Path], out: Path) -> ScanReport:
     return report
 
 
-def _write_like(suffix: str, rows: list, target: Path, *, source: Path) -> None:
+def _write_like(suffix: str, rows: Iterable[dict], target: Path, *, source: Path) -> None:
     if suffix == ".jsonl":
-        target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     elif suffix == ".json":
-        target.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        target.write_text(json.dumps(list(rows), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     elif suffix == ".csv":
         import csv
 
@@ -269,7 +283,13 @@ def _write_like(suffix: str, rows: list, target: Path, *, source: Path) -> None:
             writer.writeheader()
             writer.writerows(rows)
     else:
+        import itertools
+
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(source)), target)
+        schema = pq.read_schema(source)
+        with pq.ParquetWriter(target, schema) as writer:
+            rows = iter(rows)
+            while batch := list(itertools.islice(rows, BATCH_ROWS)):
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))

@@ -8,7 +8,13 @@ report character offsets (every "fast" tokenizer), with no guessing about how a 
 
 from __future__ import annotations
 
-import statistics
+import itertools
+import os
+import shutil
+import tempfile
+import weakref
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +26,8 @@ if TYPE_CHECKING:
 IGNORE = -100  # the label transformers' loss skips
 OVERLONG = ("truncate", "drop")
 TRAIN_ON = ("completion", "all")
-_BATCH = 1000
+_BATCH = 1000  # rows per Arrow record batch written while tokenising
+_NONE = object()
 
 
 @dataclass
@@ -52,30 +59,66 @@ def render_prompt(messages: list[dict], tokenizer) -> str:
     return _render(tokenizer, messages, add_generation_prompt=True)
 
 
-def tokenize_records(records: list[dict], tokenizer, *, max_seq_len: int, overlong: str = "truncate",
+def tokenize_records(records: Iterable[dict], tokenizer, *, max_seq_len: int, overlong: str = "truncate",
                      train_on: str = "completion") -> TokenizedData:
+    """Encode records (a list, or a generator reading a file) one at a time into an Arrow file in a temporary
+    folder (the system's temp folder, never the user's cache or a run folder); the dataset is memory-mapped from
+    it and the folder is removed once the dataset is garbage-collected, or when the process exits. Only the rows'
+    lengths stay in memory, for the statistics: memory does not grow with the data."""
     if overlong not in OVERLONG or train_on not in TRAIN_ON or max_seq_len < 2:
         raise ValueError(f"tokenize_records: overlong={overlong!r}, train_on={train_on!r}, "
                          f"max_seq_len={max_seq_len!r}; expected one of {OVERLONG}, one of {TRAIN_ON}, and >= 2")
     mistral = getattr(tokenizer, "msov_mistral", None)  # mistral-common's tokenizer, set by load_tokenizer
-    if not records:
+    records = iter(records)
+    first = next(records, _NONE)
+    if first is _NONE:
         raise DataError("there are no records to tokenise", hint="Point the recipe at a file with training examples.")
     if mistral is None and not getattr(tokenizer, "is_fast", False):
         raise DataError("the model's tokenizer is a slow (Python) tokenizer; msov needs a fast one to locate "
                         "the answers inside each example",
                         hint="Use a model folder that ships tokenizer.json.")
-    if mistral is None and any("messages" in record for record in records):
-        _require_chat_template(tokenizer)
 
-    encoded = [(_mistral_chat(mistral, record, number, train_on) if mistral is not None and "messages" in record
-                else _chat(record, tokenizer, train_on, number) if "messages" in record
-                else _mistral_completion(mistral, record, train_on) if mistral is not None
-                else _completion(record, tokenizer, train_on))
-               for number, record in enumerate(records, 1)]
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
 
-    rows, lengths, longest = [], [], 0
-    truncated = dropped_overlong = dropped_unsupervised = supervised_tokens = 0
-    for ids, labels in encoded:
+    folder = tempfile.mkdtemp(prefix="msov-tokens-")
+    try:
+        path = os.path.join(folder, "tokens.arrow")
+        with ArrowWriter(features=_features(datasets), path=path, writer_batch_size=_BATCH) as writer:
+            stats = _encode_into(writer, itertools.chain([first], records), tokenizer, mistral,
+                                 max_seq_len=max_seq_len, overlong=overlong, train_on=train_on)
+        dataset = datasets.Dataset.from_file(path)  # memory-mapped, not read into memory
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # Datasets made from this one (select, map) share its file; they live while it does, as in a run.
+    weakref.finalize(dataset, shutil.rmtree, folder, ignore_errors=True)
+    return TokenizedData(dataset=dataset, stats=stats)
+
+
+def _features(datasets):
+    # As Dataset.from_list infers them: token ids as int32 (datasets' choice for input_ids), labels as int64.
+    return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                              "labels": datasets.Sequence(datasets.Value("int64"))})
+
+
+def _encode_into(writer, records: Iterator[dict], tokenizer, mistral, *, max_seq_len: int, overlong: str,
+                 train_on: str) -> TokenStats:
+    """Encode and write each record in turn (batches of _BATCH rows); count, and keep each kept row's length."""
+    lengths = array("q")
+    batch: dict[str, list] = {"input_ids": [], "labels": []}
+    rows_in = longest = truncated = dropped_overlong = dropped_unsupervised = supervised_tokens = 0
+    template_checked = mistral is not None
+    for number, record in enumerate(records, 1):
+        rows_in = number
+        chat = "messages" in record
+        if chat and not template_checked:
+            _require_chat_template(tokenizer)
+            template_checked = True
+        ids, labels = (_mistral_chat(mistral, record, number, train_on) if mistral is not None and chat
+                       else _chat(record, tokenizer, train_on, number) if chat
+                       else _mistral_completion(mistral, record, train_on) if mistral is not None
+                       else _completion(record, tokenizer, train_on))
         longest = max(longest, len(ids))
         if len(ids) > max_seq_len:
             if overlong == "drop":
@@ -90,23 +133,29 @@ def tokenize_records(records: list[dict], tokenizer, *, max_seq_len: int, overlo
             continue
         supervised_tokens += learned
         lengths.append(len(ids))
-        rows.append({"input_ids": list(ids), "labels": labels})
+        batch["input_ids"].append(list(ids))
+        batch["labels"].append(list(labels))
+        if len(batch["labels"]) == _BATCH:
+            writer.write_batch(batch)
+            batch = {"input_ids": [], "labels": []}
 
-    if not rows:
+    if not lengths:
         raise DataError(
-            f"no training rows are left after tokenising {len(records)} records with max_seq_len={max_seq_len}: "
+            f"no training rows are left after tokenising {rows_in} records with max_seq_len={max_seq_len}: "
             f"{dropped_overlong} dropped as longer than max_seq_len, {dropped_unsupervised} dropped because no "
             f"answer token survived ({truncated} truncated)",
             hint=f"Raise train.max_seq_len (the longest example has {longest} tokens)"
                  + (", or set data.overlong: truncate." if overlong == "drop" else "."))
+    if batch["labels"]:
+        writer.write_batch(batch)
+    writer.finalize()
+    import numpy as np
 
-    import datasets
-
-    stats = TokenStats(rows_in=len(records), rows_out=len(rows), truncated=truncated,
-                       dropped_overlong=dropped_overlong, dropped_unsupervised=dropped_unsupervised,
-                       tokens=sum(lengths), supervised_tokens=supervised_tokens, min_len=min(lengths),
-                       median_len=float(statistics.median(lengths)), max_len=max(lengths))
-    return TokenizedData(dataset=datasets.Dataset.from_list(rows), stats=stats)
+    # numpy's median of ints is statistics.median's: the middle value, or the mean of the two middle ones.
+    return TokenStats(rows_in=rows_in, rows_out=len(lengths), truncated=truncated,
+                      dropped_overlong=dropped_overlong, dropped_unsupervised=dropped_unsupervised,
+                      tokens=sum(lengths), supervised_tokens=supervised_tokens, min_len=min(lengths),
+                      median_len=float(np.median(np.frombuffer(lengths, dtype=np.int64))), max_len=max(lengths))
 
 
 def _labels(ids: list[int], offsets: list, spans: list[tuple[int, int]] | None) -> list[int]:

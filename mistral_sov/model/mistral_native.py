@@ -199,7 +199,7 @@ def _stream(plan: list[tuple[Path, str, str, object]], out_file: Path) -> str:
 
     from safetensors import safe_open
 
-    header, offset, shapes = {}, 0, []
+    header, offset = {}, 0
     for source, name, out_name, _ in plan:
         with safe_open(source, "pt") as handle:
             piece = handle.get_slice(name)

@@ -38,7 +38,7 @@ def _check(name: str, status: str, detail: str, *, required: bool = False, **dat
     return {"name": name, "status": status, "detail": detail, "required": required, **data}
 
 
-def _canon(name: str) -> str:
+def canonical_name(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
@@ -49,9 +49,9 @@ def tested_versions() -> tuple[dict, str]:
         for line in CONSTRAINTS.read_text().splitlines():
             name, sep, pinned = line.split("#")[0].strip().partition("==")
             if sep:
-                pins[_canon(name)] = pinned.strip()
+                pins[canonical_name(name)] = pinned.strip()
         return pins, str(CONSTRAINTS)
-    return {_canon(k): v for k, v in TESTED_FALLBACK.items()}, "msov's built-in table (no constraints.txt found)"
+    return {canonical_name(k): v for k, v in TESTED_FALLBACK.items()}, "msov's built-in table (no constraints.txt found)"
 
 
 def _installed(name: str) -> str | None:
@@ -76,7 +76,7 @@ def check_libraries() -> list[dict]:
     tested, source = tested_versions()
     packages, missing, differ = [], [], []
     for name in REQUIRED:
-        have, want = _installed(name), tested.get(_canon(name))
+        have, want = _installed(name), tested.get(canonical_name(name))
         packages.append({"name": name, "version": have, "tested": want})
         if have is None:
             missing.append(name)
@@ -90,7 +90,7 @@ def check_libraries() -> list[dict]:
         detail = f"missing: {', '.join(missing)}; " + detail
     status = "fail" if missing else "warn" if differ else "ok"
     out = [_check("libraries", status, detail, required=True, packages=packages, source=source)]
-    known = {_canon(x) for x in (*REQUIRED, *OPTIONAL)}
+    known = {canonical_name(x) for x in (*REQUIRED, *OPTIONAL)}
     others = [(n, _installed(n), v) for n, v in sorted(tested.items()) if n not in known]
     other_differ = [f"{n} {have} (tested {v})" for n, have, v in others if have and have.split("+")[0] != v]
     present = sum(1 for _, have, _ in others if have)

@@ -20,7 +20,7 @@ def seal_adapter(record: RunRecord, recipe: Recipe, target: Target, sign_key: st
                  on_event: EventSink) -> RunRecord:
     """Write the provenance into adapter/, then sign the folder (adapter.sig beside it) or, unsigned, describe it.
     Returns the record with the adapter's digest (and the signature) filled in."""
-    from ..trust.hashing import describe_folder
+    from ..trust.hashing import folder_digest
     from ..trust.oms import sign_folder
     from ..trust.provenance import write_provenance
 
@@ -28,7 +28,7 @@ def seal_adapter(record: RunRecord, recipe: Recipe, target: Target, sign_key: st
     on_event("stage", {"text": "writing provenance" + (" and signing" if sign_key else "")})
     write_provenance(adapter, record, recipe.model_dump(mode="json"))  # reads no digest or signature: none yet
     if not sign_key:
-        return record.model_copy(update={"adapter_digest": describe_folder(adapter)["subject_digest"]})
+        return record.model_copy(update={"adapter_digest": folder_digest(adapter)})
     signed = sign_folder(adapter, Path(sign_key), sig_path=target.work_dir / "adapter.sig")
     signature = SignatureRef(path=str(target.out_dir / "adapter.sig"), key_hint=signed["key_hint"])
     return record.model_copy(update={"signature": signature, "adapter_digest": signed["subject_digest"]})

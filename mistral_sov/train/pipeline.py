@@ -28,8 +28,6 @@ from .run_folder import (Target, check_targets, ready_to_train, record_inputs, r
                          start_afresh)
 from .trainer import Trained, train
 
-_ignore = no_events  # the default sink of prepare_inputs and dry_run below, by its old name
-
 
 @dataclass
 class PreparedData:
@@ -37,17 +35,17 @@ class PreparedData:
 
     folder: object  # modeling.ModelFolder
     tokenizer: object
-    train_files: list = field(default_factory=list)  # data.LoadedData
+    train_files: list = field(default_factory=list)  # data.LoadedData, checked and counted; records not kept
     eval_files: list = field(default_factory=list)
     train: object = None  # data.TokenizedData
     eval: object = None
     scan: dict = field(default_factory=dict)  # personal-data / secrets counts (never the findings)
 
 
-def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weights: bool = True) -> PreparedData:
+def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weights: bool = True) -> PreparedData:
     """Check the model folder, load and validate every data file, tokenise. Raises on the first bad input."""
     enforce_offline_env()
-    from ..data import load_data_file, tokenize_records
+    from ..data import iter_records, load_data_file, tokenize_records
     from ..model.load import inspect_model_folder, load_tokenizer
 
     on_event("stage", {"text": "checking model folder"})
@@ -69,22 +67,30 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = _ignore, *, need_weight
 
     on_event("stage", {"text": "loading and validating data"})
     prepared = PreparedData(folder=folder, tokenizer=tokenizer)
-    prepared.train_files = [load_data_file(f.path, f.format, split=f.split) for f in recipe.data.train]
-    prepared.eval_files = [load_data_file(f.path, f.format, split=f.split) for f in recipe.data.eval]
-    prepared.scan = _scan_summary(prepared.train_files + prepared.eval_files, on_event)
+    # Each file is checked row by row and nothing is kept; then read again, one record at a time, into the scan
+    # and the tokeniser together: no list of every record (or of every encoded row) is ever held.
+    prepared.train_files = [load_data_file(f.path, f.format, split=f.split, keep_records=False)
+                            for f in recipe.data.train]
+    prepared.eval_files = [load_data_file(f.path, f.format, split=f.split, keep_records=False)
+                           for f in recipe.data.eval]
+    from ..data.scan import ScanReport, scanned
+
+    report = ScanReport()
 
     def tokenise(files):
-        records = [record for loaded in files for record in loaded.records]
+        records = (record for loaded in files for _, record in
+                   scanned(report, str(loaded.path), iter_records(loaded.path, loaded.format, loaded.split)))
         return tokenize_records(records, tokenizer, max_seq_len=recipe.train.max_seq_len,
                                 overlong=recipe.data.overlong, train_on=recipe.data.train_on)
 
-    on_event("stage", {"text": "tokenising"})
+    on_event("stage", {"text": "scanning and tokenising"})
     prepared.train = tokenise(prepared.train_files)
     prepared.eval = tokenise(prepared.eval_files) if prepared.eval_files else None
+    prepared.scan = _scan_summary(report, on_event)
     return prepared
 
 
-def dry_run(recipe: Recipe, on_event: EventSink = _ignore) -> dict:
+def dry_run(recipe: Recipe, on_event: EventSink = no_events) -> dict:
     """Validate recipe, model folder and data; count parameters on the meta device; train nothing."""
     from ..model.load import lora_counts_without_weights
 
@@ -123,7 +129,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
         # 3. base weights with LoRA attached; the seed fixes the adapter's initialisation
         loaded = load_for_training(recipe, prepared, engine, on_event)
         # 4. where we start from: eval loss and a sample answer (rank 0's to report; nothing is sharded yet)
-        sample = _sample_conversation(prepared.eval_files or prepared.train_files)
+        sample = sample_conversation(prepared.eval_files or prepared.train_files)
         before = measure(loaded.model, prepared, recipe, sample, engine, on_event)
         # 5. train, from the latest usable checkpoint when resuming
         earlier_metrics = ready_to_train(target, recipe, on_event) if engine.is_main else []
@@ -261,13 +267,8 @@ def _data_summary(prepared: PreparedData) -> dict:
     return {"train": files(prepared.train_files), "eval": files(prepared.eval_files), "scan": prepared.scan}
 
 
-def _scan_summary(files, on_event: EventSink) -> dict:
-    """Scan what will be trained on for personal data and secrets; warn, and keep only the counts."""
-    from ..data.scan import ScanReport, scan_rows
-
-    report = ScanReport()
-    for loaded in files:
-        scan_rows(report, str(loaded.path), zip(loaded.places or map(str, range(1, loaded.rows + 1)), loaded.records))
+def _scan_summary(report, on_event: EventSink) -> dict:
+    """Warn about likely personal data and secrets found in what will be trained on; keep only the counts."""
     if report.counts:
         found = ", ".join(f"{n} {kind}" for kind, n in sorted(report.counts.items()))
         on_event("warning", {"text": f"the training data contains likely personal data or secrets ({found}); "
@@ -275,10 +276,16 @@ def _scan_summary(files, on_event: EventSink) -> dict:
     return report.summary()
 
 
-def _sample_conversation(files) -> dict | None:
-    """The first conversation of the held-out data, cut before its last answer: the demo's before/after probe."""
+def sample_conversation(files) -> dict | None:
+    """The first conversation of the held-out data, cut before its last answer: the demo's before/after probe.
+    Files are read again only up to that conversation (completion files hold none)."""
+    from ..data import iter_records
+
     for loaded in files:
-        for record in loaded.records:
+        if loaded.format == "completion":
+            continue
+        records = loaded.records or (record for _, record in iter_records(loaded.path, loaded.format, loaded.split))
+        for record in records:
             messages = record.get("messages")
             if messages and messages[-1]["role"] == "assistant":
                 return {"prompt": messages[:-1], "reference": messages[-1]["content"]}

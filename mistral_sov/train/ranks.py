@@ -68,7 +68,7 @@ def all_ranks_agree(check: Callable[[], T], fingerprint: Callable[[T], object] |
     except Exception as exc:  # noqa: BLE001 - an unreadable file on one node must stop the others too
         failure = {"rank": rank(), "exit_code": 1, "message": f"unexpected {type(exc).__name__}: {exc}",
                    "hint": None}
-    outcomes = _all_gather({"failure": failure, "fingerprint": mark})
+    outcomes = all_gather({"failure": failure, "fingerprint": mark})
     failures = [o["failure"] for o in outcomes if o["failure"] is not None]
     same_everywhere = len(failures) == len(outcomes) and len({f["message"] for f in failures}) == 1
     if not failures:
@@ -103,7 +103,7 @@ def _differences(mine, reference) -> str:
                      for key in sorted(set(mine) | set(reference)) if mine.get(key) != reference.get(key))
 
 
-def _all_gather(value) -> list:
+def all_gather(value) -> list:
     """Every rank's `value`, over the process group the Trainer will use (created here if not yet)."""
     import torch
     import torch.distributed as dist

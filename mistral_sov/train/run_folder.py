@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..events import EventSink
 from ..recipe import Recipe
+from ..trust.hashing import write_atomic
 
 # What may change on --resume: the run's length, who signs it (the signing key changes who vouches for the adapter,
 # not the adapter) and what is logged; nothing that changes the weights.
@@ -162,7 +163,7 @@ def check_same_inputs(record_path: Path, record: dict, *, resume: bool) -> None:
     """The bytes a run trains on are recorded when it starts; --resume refuses if any of them changed since, as
     the earlier steps saw the old ones (data files by position, base-model files by name: tokenizer included)."""
     if not resume or not record_path.is_file():  # a fresh run, or one checkpointed before inputs were recorded
-        write_atomic(record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_atomic(record_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
         return
     try:
         old = json.loads(record_path.read_text())
@@ -183,16 +184,6 @@ def check_same_inputs(record_path: Path, record: dict, *, resume: bool) -> None:
                          f"'{record_path}', now {b})" + (f", and {len(changed) - 1} more" if len(changed) > 1 else "")
                          + "; the earlier steps trained on the old bytes.",
                          hint="Resume with the inputs the run started with, or start again with --overwrite.")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A kill mid-write leaves the old file or the new one, never half of one (recipe.yaml, inputs.json)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def start_afresh(target: Target, *, resume: bool, on_event: EventSink) -> None:
@@ -225,7 +216,7 @@ def ready_to_train(target: Target, recipe: Recipe, on_event: EventSink) -> list[
     removed and metrics.jsonl cut back to the checkpoint. Returns the metrics lines kept (none for a fresh run)."""
     from .checkpoints import checkpoint_step, discard_unusable, trim_metrics
 
-    write_atomic(target.work_dir / "recipe.yaml", recipe.to_yaml())
+    write_atomic(target.work_dir / "recipe.yaml", recipe.to_yaml().encode())
     if target.checkpoint is None:
         return []
     discard_unusable(target.work_dir / "checkpoints", target.checkpoint, on_event)

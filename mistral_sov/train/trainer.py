@@ -121,7 +121,7 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
     )
 
 
-def _callbacks(metrics_file: Path, on_event: EventSink, history: list[dict]):
+def trainer_callbacks(metrics_file: Path, on_event: EventSink, history: list[dict]):
     from transformers import TrainerCallback
 
     class MetricsAndProgress(TrainerCallback):
@@ -218,7 +218,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSec
         data_collator=make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
                                           attn_implementation=attn),
         processing_class=tokenizer,
-        callbacks=_callbacks(work_dir / "metrics.jsonl", on_event, [] if history is None else history)
+        callbacks=trainer_callbacks(work_dir / "metrics.jsonl", on_event, [] if history is None else history)
         + ([tensorboard_callback(work_dir / "tensorboard")] if train.tensorboard else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the CLI renders progress instead
