@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -134,3 +135,19 @@ def test_a_file_changed_after_its_check_is_an_error_naming_the_line(tmp_path):
     path.write_text(json.dumps(chat_rows(1)[0]) + '\n{"messages": []}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: messages: .*changed meanwhile"):
         list(iter_records(loaded.path, loaded.format))
+
+
+def test_a_killed_writers_token_folder_is_removed_by_the_next_run(tok, tmp_path, monkeypatch):
+    """kill -9 while tokenising leaves msov-tokens-<pid>-*; the next tokenisation removes it once that pid is gone
+    (a live process's folder is left alone)."""
+    import subprocess
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f"msov-tokens-{dead.pid}-abc", tmp_path / f"msov-tokens-{os.getppid()}-abc"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "tokens.arrow").write_bytes(b"partial")
+    tokenize_records([{"prompt": "a", "completion": "b"}], tok, max_seq_len=16)
+    assert not stale.exists() and live.exists()

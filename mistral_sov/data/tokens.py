@@ -8,6 +8,7 @@ report character offsets (every "fast" tokenizer), with no guessing about how a 
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import shutil
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import DataError
+from ..guard.paths import pid_alive
 
 if TYPE_CHECKING:
     import datasets
@@ -27,6 +29,7 @@ IGNORE = -100  # the label transformers' loss skips
 OVERLONG = ("truncate", "drop")
 TRAIN_ON = ("completion", "all")
 _BATCH = 1000  # rows per Arrow record batch written while tokenising
+_TOKENS_PREFIX = "msov-tokens-"  # + the writer's pid: a dead writer's folder can be told apart and removed
 _NONE = object()
 
 
@@ -81,7 +84,8 @@ def tokenize_records(records: Iterable[dict], tokenizer, *, max_seq_len: int, ov
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
-    folder = tempfile.mkdtemp(prefix="msov-tokens-")
+    _remove_dead_token_folders()
+    folder = tempfile.mkdtemp(prefix=f"{_TOKENS_PREFIX}{os.getpid()}-")
     try:
         path = os.path.join(folder, "tokens.arrow")
         with ArrowWriter(features=_features(datasets), path=path, writer_batch_size=_BATCH) as writer:
@@ -94,6 +98,14 @@ def tokenize_records(records: Iterable[dict], tokenizer, *, max_seq_len: int, ov
     # Datasets made from this one (select, map) share its file; they live while it does, as in a run.
     weakref.finalize(dataset, shutil.rmtree, folder, ignore_errors=True)
     return TokenizedData(dataset=dataset, stats=stats)
+
+
+def _remove_dead_token_folders() -> None:
+    """A process killed while it held tokens (kill -9, power loss) leaves its folder; its pid says it is gone."""
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), f"{_TOKENS_PREFIX}*-*")):
+        pid = os.path.basename(folder)[len(_TOKENS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _features(datasets):

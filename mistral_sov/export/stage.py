@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..guard.paths import pid_alive
 
 
 class TargetExists(InputError):
@@ -101,15 +102,5 @@ def _remove_stale_stages(target: Path) -> None:
     """Stages left by a killed export (its pid is gone) are removed; a live one belongs to a concurrent export."""
     for stale in target.parent.glob(f"{target.name}.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True

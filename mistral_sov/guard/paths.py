@@ -6,6 +6,7 @@ old output, never deleting a base model, a data file or a folder msov did not wr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import InputError
@@ -46,3 +47,14 @@ def refuse_foreign(target, *, markers=RUN_MARKERS + EXPORT_MARKERS, what: str) -
     raise InputError(f"{what}: '{target}' exists and was not written by msov (no {' or '.join(markers)} inside); "
                      "--overwrite replaces only msov's own outputs.",
                      hint=f"Remove it yourself or choose another {what}.")
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` still running? Leftovers of a dead writer (its pid in their name) may be removed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
