@@ -49,7 +49,9 @@ class DataRefs(_Part):
     scan: ScanSummary = Field(default_factory=ScanSummary)
 
 
-class TokenCounts(_Part):
+class TokenStats(_Part):
+    """What tokenising a split gave: rows in and out (and why rows were dropped), tokens, lengths."""
+
     rows_in: int
     rows_out: int
     truncated: int
@@ -61,10 +63,13 @@ class TokenCounts(_Part):
     median_len: float
     max_len: int
 
+    def as_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
 
 class TokenRefs(_Part):
-    train: TokenCounts
-    eval: Optional[TokenCounts] = None
+    train: TokenStats
+    eval: Optional[TokenStats] = None
 
 
 class Parameters(_Part):

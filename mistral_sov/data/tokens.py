@@ -16,10 +16,11 @@ import tempfile
 import weakref
 from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import DataError
+from ..record import TokenStats
 from ..guard.paths import pid_alive
 
 if TYPE_CHECKING:
@@ -31,23 +32,6 @@ TRAIN_ON = ("completion", "all")
 _BATCH = 1000  # rows per Arrow record batch written while tokenising
 _TOKENS_PREFIX = "msov-tokens-"  # + the writer's pid: a dead writer's folder can be told apart and removed
 _NONE = object()
-
-
-@dataclass
-class TokenStats:
-    rows_in: int
-    rows_out: int
-    truncated: int
-    dropped_overlong: int
-    dropped_unsupervised: int
-    tokens: int
-    supervised_tokens: int
-    min_len: int
-    median_len: float
-    max_len: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

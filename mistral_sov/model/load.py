@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,14 +69,9 @@ def inspect_model_folder(ref: str, *, allow_pickle: bool = False, need_weights: 
 
 def read_config(config_file: Path) -> dict:
     """config.json parsed and its architecture and sizes checked, before transformers builds anything from it."""
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{config_file}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-    except UnicodeDecodeError as exc:
-        raise ModelFolderError(f"{config_file}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
-    if not isinstance(config, dict):
-        raise ModelFolderError(f"{config_file}: expected a JSON object, got {type(config).__name__}.")
+    from ..record import read_json
+
+    config = read_json(config_file, error=ModelFolderError)
     model_type = config.get("model_type")
     if "auto_map" not in config:  # remote-code models name their own classes; transformers checks those
         from transformers import __version__

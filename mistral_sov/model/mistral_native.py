@@ -278,12 +278,7 @@ def convert_native(src: Path, out: Path) -> dict:
         if target.startswith("model.layers.") and int(target.split(".")[2]) >= config["num_hidden_layers"]:
             raise ModelFolderError(f"{weights}: tensor {name!r} is past the n_layers="
                                    f"{config['num_hidden_layers']} that params.json declares.")
-        transform = None
-        if target.endswith("q_proj.weight"):
-            transform = (lambda t, h=heads: _permute(t, h, True))
-        elif target.endswith("k_proj.weight"):
-            transform = (lambda t, h=kv: _permute(t, h, True))
-        plan.append((path, name, target, transform))
+        plan.append((path, name, target, _rotary_order(target, heads, kv, to_hf=True)))
     written = {"model.safetensors": _stream(plan, out / "model.safetensors")}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(tokenizer, out / tokenizer.name)
@@ -292,6 +287,16 @@ def convert_native(src: Path, out: Path) -> dict:
               "mapping": "transformers convert_mistral_weights_to_hf (q/k rotary permutation)"}
     (out / "msov-convert.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def _rotary_order(hf_name: str, heads: int, kv_heads: int, *, to_hf: bool):
+    """Mistral's native q/k projections interleave the rotary halves that Hugging Face's keep apart: those two
+    tensors are permuted (by their own head counts), every other tensor is copied as it is."""
+    if hf_name.endswith("q_proj.weight"):
+        return lambda tensor: _permute(tensor, heads, to_hf)
+    if hf_name.endswith("k_proj.weight"):
+        return lambda tensor: _permute(tensor, kv_heads, to_hf)
+    return None
 
 
 def write_native(hf_folder: Path, config: dict, out: Path) -> dict[str, str]:
@@ -311,12 +316,7 @@ def write_native(hf_folder: Path, config: dict, out: Path) -> dict[str, str]:
             target = f"layers.{parts[2]}.{inverse['.'.join(parts[3:-1])]}.{parts[-1]}"
         else:
             raise ModelFolderError(f"{path}: tensor {name!r} has no native Mistral counterpart.")
-        transform = None
-        if name.endswith("q_proj.weight"):
-            transform = (lambda t, h=heads: _permute(t, h, False))
-        elif name.endswith("k_proj.weight"):
-            transform = (lambda t, h=kv: _permute(t, h, False))
-        plan.append((path, name, target, transform))
+        plan.append((path, name, target, _rotary_order(name, heads, kv, to_hf=False)))
     digest = _stream(plan, out / "consolidated.safetensors")
     (out / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n")
     return {"consolidated.safetensors": digest}

@@ -246,8 +246,7 @@ def describe_run(recipe: Recipe, target: Target, prepared: PreparedData, base_fi
         base_model=BaseModelRef(path=str(prepared.folder.path), architecture=prepared.folder.architecture,
                                 files=base_files),
         data=DataRefs.model_validate(_data_summary(prepared)),
-        tokens=TokenRefs.model_validate({"train": prepared.train.stats.as_dict(),
-                                         "eval": prepared.eval.stats.as_dict() if prepared.eval else None}),
+        tokens=TokenRefs(train=prepared.train.stats, eval=prepared.eval.stats if prepared.eval else None),
         parameters=Parameters(trainable=loaded.trainable, total=loaded.total, trainable_sha256=trainable_sha256),
         train=TrainResult(
             steps=trained.steps, resumed_from_step=checkpoint_step(target.checkpoint) if target.checkpoint else None,
