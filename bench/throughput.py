@@ -10,7 +10,7 @@ tokens and the same number of optimizer steps. Arms:
   baseline   transformers.Trainer + PEFT, DataCollatorForSeq2Seq padding to the longest row of each batch
   trl        TRL's SFTTrainer with its defaults (prompt-completion rows; float32 like the others), only where
              `trl` is importable (it is not a dependency of msov: install it in a separate venv to run this arm)
-  msov       msov.training.build_trainer with msov's defaults (packing on)
+  msov       mistral_sov.train.trainer.build_trainer with msov's defaults (packing on)
   (ablations, with --arms: packing_only = the baseline with msov's packed batches but logits everywhere;
    --msov-no-packing = the msov arm with data.packing off, i.e. length-grouped padded batches)
 
