@@ -193,6 +193,18 @@ def msov(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mistral_sov", *args], capture_output=True, text=True)
 
 
+def test_convert_refuses_an_output_that_is_its_input(tmp_path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}]}) + "\n")
+    before = source.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(source)
+    for out in (source, tmp_path / "link.jsonl"):
+        done = msov("data", "convert", str(source), "--to", "chat", "--out", str(out), "--json")
+        assert done.returncode == 3 and "is the input" in json.loads(done.stdout)["error"]
+    assert source.read_bytes() == before
+
+
 def test_validate_says_format_rows_roles_and_fields_then_convert_writes_chat(tmp_path):
     source = write_jsonl(tmp_path / "s.jsonl", [SHAREGPT])
     done = msov("data", "validate", str(source))

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import DataError
+from ..guard.paths import refuse_overlap
 from .loading import LoadedData, iter_records, load_data_file
 
 TARGETS = ("chat",)
@@ -22,6 +23,7 @@ def convert_to_chat(source: Path, out: Path, fmt: str = "auto", *, to: str = "ch
     """Write `source` as chat JSONL at `out`; returns the checked file's facts and the rows written."""
     if to not in TARGETS:
         raise DataError(f"--to {to}: unknown target; expected {', '.join(TARGETS)}")
+    refuse_overlap(out, [source], what="--out")  # the file is read again while the output is written
     loaded = load_data_file(source, fmt, keep_records=False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
