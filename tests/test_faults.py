@@ -75,6 +75,55 @@ def test_ctrl_c_checkpoints_and_exits_130(tiny_model, tmp_path, uninterrupted_di
     assert sha256_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors") == uninterrupted_digest
 
 
+def test_a_checkpoint_half_removed_by_a_kill_never_costs_the_one_resume_needs(tiny_model, tmp_path,
+                                                                             uninterrupted_digest):
+    """CI saw it: a kill while the Trainer removed checkpoint-2 left it with its marker and a newer folder mtime; the
+    Trainer's rotation (by mtime) then deleted checkpoint-4, and the next --resume crashed on the half-removed one."""
+    from mistral_sov.train.checkpoints import is_complete, resume_point
+
+    path = recipe_at(tiny_model, tmp_path, "halved")
+
+    def press_ctrl_c(kind, payload):
+        if kind == "step" and payload["step"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        finetune(load_recipe(path), on_event=press_ctrl_c)
+    checkpoints = tmp_path / "halved.partial" / "checkpoints"
+    half = checkpoints / "checkpoint-4"
+    for name in ("optimizer.pt", "scheduler.pt"):  # removed first; the marker and the weights not yet
+        (half / name).unlink()
+    now = time.time()
+    os.utime(checkpoints / "checkpoint-6", (now - 60, now - 60))  # the removal touched checkpoint-4 last
+    assert not is_complete(half) and resume_point(checkpoints).name == "checkpoint-6"
+
+    seen = []
+
+    def look(kind, payload):
+        if kind == "step" and payload["step"] == 9:  # after checkpoint-8 was written and the old ones removed
+            seen.extend(sorted(p.name for p in checkpoints.iterdir()))
+    finetune(load_recipe(path), resume=True, on_event=look)
+    assert seen == ["checkpoint-6", "checkpoint-8"]
+    assert sha256_file(tmp_path / "halved" / "adapter" / "adapter_model.safetensors") == uninterrupted_digest
+
+
+def test_save_total_limit_keeps_the_newest_complete_checkpoints_by_step_not_by_mtime(tmp_path):
+    from mistral_sov.train.checkpoints import keep_newest, mark_complete
+
+    now = time.time()
+    for step, age in ((2, 0), (4, 300), (6, 200), (8, 100)):  # checkpoint-2 touched last, checkpoint-8 unmarked
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if step != 8:
+            mark_complete(folder)
+        os.utime(folder, (now - age, now - age))
+    keep_newest(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    keep_newest(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+
+
 def test_unwritable_output_is_a_clear_error(cli, write_recipe, tiny_model, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -121,6 +170,11 @@ def _child(request: dict, report: int) -> int:
     except MsovError as err:
         os.write(report, f"error {err.message}\n".encode())
         return err.exit_code
+    except Exception as exc:  # noqa: BLE001 - the story must say what broke; os._exit would swallow the traceback
+        import traceback
+        text = "".join(traceback.format_exception(exc)).replace("\n", " | ")
+        os.write(report, f"crash {text}\n".encode())
+        return 1
     emit("done")
     return 0
 
@@ -223,7 +277,7 @@ def test_sigkill_at_20_random_instants_then_resume_gives_the_uninterrupted_adapt
     straight = attempt(recipe=str(recipe("straight")), resume=False, overwrite=False)
     assert straight["rc"] == 0, straight
     expected = adapter_digest(tmp_path / "straight")
-    at = [(name, float(t)) for name, t in straight["events"] if name != "error"]
+    at = [(name, float(t)) for name, t in straight["events"] if name not in ("error", "crash")]
     total = dict(at)["done"]
     save_window = max(b[1] - a[1] for a, b in zip(at, at[1:]) if a[0] == "save" and b[0] == "saved")
     export_window = total - dict(at)["export"]

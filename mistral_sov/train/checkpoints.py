@@ -1,6 +1,7 @@
-"""Checkpoints of an unfinished run: which are complete, which one --resume continues from, and the metrics
-lines that go with it. The Trainer writes checkpoint-N/ in place; msov marks one complete only once all of it
-is on disk, so a kill mid-save never leaves a checkpoint that looks usable."""
+"""Checkpoints of an unfinished run: which are complete, which one --resume continues from, which are removed, and
+the metrics lines that go with it. The Trainer writes checkpoint-N/ in place; msov marks one complete only once all
+of it is on disk, so a kill mid-save never leaves a checkpoint that looks usable, and unmarks one before removing
+it, so a kill mid-removal does not either."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..events import EventSink
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
-COMPLETE_MARKER = "msov-complete"  # written last, fsynced: the Trainer itself writes checkpoint-N/ in place
+COMPLETE_MARKER = "msov-complete"  # written last, fsynced, listing every file and its size
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -45,12 +46,17 @@ def checkpoints(checkpoint_dir: Path) -> list[Path]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """Marked complete after every file was fsynced, and still readable (a later truncation is caught too)."""
+    """Marked complete after every file was fsynced, every file the marker lists still there at its size, and
+    still readable (a later truncation, or a removal stopped halfway, is caught too)."""
     from safetensors import SafetensorError, safe_open
 
-    if not (checkpoint / COMPLETE_MARKER).is_file():
-        return False
     try:
+        listed = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+        if not isinstance(listed, dict) or not listed:  # "ok": a marker from before files were listed
+            listed = {}
+        for name, size in listed.items():
+            if (checkpoint / name).stat().st_size != size:
+                return False
         json.loads((checkpoint / "trainer_state.json").read_text())
         for weights in checkpoint.rglob("*.safetensors"):
             with safe_open(str(weights), framework="pt") as handle:
@@ -62,22 +68,54 @@ def is_complete(checkpoint: Path) -> bool:
 
 
 def mark_complete(checkpoint: Path) -> None:
+    files = {}
     for item in sorted(checkpoint.rglob("*")):
-        if item.is_file():
+        if item.is_file() and item.name not in (COMPLETE_MARKER, COMPLETE_MARKER + ".tmp"):
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
+            files[item.relative_to(checkpoint).as_posix()] = item.stat().st_size
     tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
     with open(tmp, "w") as handle:
-        handle.write("ok\n")
+        handle.write(json.dumps(files, indent=1, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, checkpoint / COMPLETE_MARKER)
     for folder in (checkpoint, checkpoint.parent):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_folder(folder)
+
+
+def remove(checkpoint: Path) -> None:
+    """Unmarked (and that made durable) before anything else goes: a kill mid-removal leaves an incomplete
+    checkpoint, never a complete-looking one with files missing."""
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+    if checkpoint.is_dir():
+        _fsync_folder(checkpoint)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def keep_newest(checkpoint_dir: Path, keep: int) -> None:
+    """train.save_total_limit, applied by step number once the newest checkpoint is marked complete.
+
+    The Trainer's own rotation (transformers 5.x) orders checkpoints by folder mtime and runs before msov marks the
+    new one: a folder half-removed by a kill is "newer" than the one --resume needs, which it then deleted (seen in
+    CI: the next resume found only the half-removed checkpoint-2 and crashed). Here the order is the step number,
+    only complete checkpoints count towards `keep`, and incomplete leftovers older than the newest go too."""
+    found = checkpoints(checkpoint_dir)
+    complete = [p for p in found if is_complete(p)]
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    for folder in found:
+        if folder not in kept and checkpoint_step(folder) < checkpoint_step(complete[-1]):
+            remove(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_resumable(checkpoint: Path, *, fsdp: bool) -> None:
@@ -127,10 +165,10 @@ def discard_unusable(checkpoint_dir: Path, resume_from: Path, on_event: EventSin
     step (see `resume_point`), and the Trainer rewrites it in place."""
     for partial in checkpoints(checkpoint_dir):
         if not is_complete(partial):
-            shutil.rmtree(partial, ignore_errors=True)
+            remove(partial)
             on_event("warning", {"text": f"skipped {partial.name}: incomplete (the run was stopped while "
                                          "writing it)"})
         elif checkpoint_step(partial) > checkpoint_step(resume_from):
-            shutil.rmtree(partial, ignore_errors=True)
+            remove(partial)
             on_event("warning", {"text": f"skipped {partial.name}: written at the run's last step; its last "
                                          f"steps run again from {resume_from.name}"})

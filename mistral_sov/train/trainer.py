@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import InputError, Interrupted
 from ..events import EventSink
 from ..recipe import TrainSection
-from .checkpoints import check_resumable, mark_complete
+from .checkpoints import check_resumable, keep_newest, mark_complete
 from .ranks import all_ranks_agree
 
 
@@ -102,7 +102,7 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
         logging_first_step=True,
         save_strategy="steps",
         save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
+        save_total_limit=None,  # msov keeps train.save_total_limit itself, by step (see checkpoints.keep_newest)
         save_only_model=False,
         eval_strategy="steps" if (has_eval and train.eval_steps) else "no",
         eval_steps=train.eval_steps,
@@ -121,7 +121,7 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
     )
 
 
-def trainer_callbacks(metrics_file: Path, on_event: EventSink, history: list[dict]):
+def trainer_callbacks(metrics_file: Path, on_event: EventSink, history: list[dict], keep: int):
     from transformers import TrainerCallback
 
     class MetricsAndProgress(TrainerCallback):
@@ -157,6 +157,7 @@ def trainer_callbacks(metrics_file: Path, on_event: EventSink, history: list[dic
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:  # called once the Trainer finished writing the checkpoint
                 mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                keep_newest(Path(args.output_dir), keep)
 
     return [MetricsAndProgress()]
 
@@ -218,7 +219,8 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSec
         data_collator=make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
                                           attn_implementation=attn),
         processing_class=tokenizer,
-        callbacks=trainer_callbacks(work_dir / "metrics.jsonl", on_event, [] if history is None else history)
+        callbacks=trainer_callbacks(work_dir / "metrics.jsonl", on_event, [] if history is None else history,
+                                    train.save_total_limit)
         + ([tensorboard_callback(work_dir / "tensorboard")] if train.tensorboard else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; the CLI renders progress instead
