@@ -1,4 +1,4 @@
-"""Signing and verification in the OpenSSF Model Signing (OMS) v1.0 format, key method.
+"""Signing and verification in the OpenSSF Model Signing (OMS) v1.0 format.
 
 What is written is exactly what the reference implementation (`model_signing`) writes for `sign key`: a Sigstore
 bundle (v0.3, JSON) holding a DSSE envelope around an in-toto Statement v1 whose predicate lists every file of
@@ -18,8 +18,9 @@ from pathlib import Path
 from ..errors import InputError, VerificationError
 from .hashing import (DEFAULT_IGNORE, compare_manifests, hash_files, list_files, manifest_of, printable, subject_digest,
                       write_atomic)
-from .keys import HASH_FOR_CURVE, is_within, key_hint, load_private_key, load_public_key, refuse_secrets
+from .keys import is_within, key_hint, load_public_key, refuse_secrets
 from .provenance import PROVENANCE_PATH, STATEMENT_TYPE, check_provenance, parse_provenance
+from .signer import KeyFileSigner, Signer, ecdsa_for
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -33,22 +34,23 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
-def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, passphrase: bytes | None = None,
-                known: dict[str, str] | None = None) -> dict:
+def sign_folder(folder: Path, key: "Path | Signer", *, sig_path: Path | None = None,
+                passphrase: bytes | None = None, known: dict[str, str] | None = None) -> dict:
     """Sign every file of `folder`; write the OMS bundle to `sig_path` (default: FOLDER.sig beside it).
 
-    The passphrase of an encrypted key, when not given, comes from $MSOV_KEY_PASSPHRASE (never from argv).
+    `key`: a private key file, or any Signer (signer.py: an HSM key, a key with its certificate). The passphrase
+    of an encrypted key file, when not given, comes from $MSOV_KEY_PASSPHRASE (never from argv).
     `known` ({relative name: sha256}) is for a caller that hashed the very bytes it just wrote (the merge): those
     files are signed without being read again. Verification never trusts it: verify_folder re-hashes every file.
     Returns {"sig", "subject_digest", "files", "key_hint"}.
     """
     folder = Path(folder)
     root = folder.resolve()
-    key_path = Path(key_path)
-    if is_within(key_path.resolve(), root):
+    key_path = Path(key) if isinstance(key, (str, Path)) else getattr(key, "path", None)
+    if key_path is not None and is_within(key_path.resolve(), root):
         raise InputError(f"{key_path}: the private key lies inside the folder to sign; it would be signed into "
                          f"the output and shipped with it.", hint="Keep keys outside every output folder.")
-    private_key = load_private_key(key_path, passphrase)
+    signer = KeyFileSigner(key_path, passphrase) if isinstance(key, (str, Path)) else key
     sig_path = Path(sig_path) if sig_path else default_sig_path(folder)
     refuse_secrets(folder, key=key_path)
 
@@ -68,11 +70,11 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
 
     # 2. the DSSE envelope over the statement, in a Sigstore bundle
     payload = json.dumps(statement, indent=2).encode("utf-8")
-    signature = private_key.sign(pae(PAYLOAD_TYPE, payload), _ecdsa(private_key))
-    hint = key_hint(private_key.public_key())
+    signature = signer.sign(pae(PAYLOAD_TYPE, payload))
+    hint = key_hint(signer.public_key)
     bundle = {
         "mediaType": BUNDLE_MEDIA_TYPE,
-        "verificationMaterial": {"publicKey": {"hint": hint}, "tlogEntries": []},
+        "verificationMaterial": {**signer.material(), "tlogEntries": []},
         "dsseEnvelope": {
             "payload": base64.b64encode(payload).decode("ascii"),
             "payloadType": PAYLOAD_TYPE,
@@ -82,7 +84,7 @@ def sign_folder(folder: Path, key_path: Path, *, sig_path: Path | None = None, p
     sig_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(sig_path, (json.dumps(bundle, indent=2) + "\n").encode("utf-8"), mode=0o644)
     return {"sig": str(sig_path), "subject_digest": statement["subject"][0]["digest"]["sha256"],
-            "files": len(files), "key_hint": hint}
+            "files": len(files), "key_hint": hint, "signer": signer.describe()}
 
 
 def check_signature_target(sig_path: Path, folder: Path, key_path: Path) -> None:
@@ -119,33 +121,25 @@ def make_statement(name: str, files: list[dict], ignore_paths: list[str]) -> dic
     }
 
 
-def verify_folder(folder: Path, pub_path: Path, *, sig_path: Path | None = None) -> dict:
-    """Check `folder` against its signature with the public key at `pub_path`.
+def verify_folder(folder: Path, pub_path: "Path | None" = None, *, sig_path: Path | None = None,
+                  ca: tuple[Path, ...] = (), ignore: tuple[str, ...] = (), ignore_unsigned: bool = False) -> dict:
+    """Check `folder` against its signature: key method with the public key at `pub_path`, certificate method
+    with the CA roots `ca` (certs.py). `ignore`: paths the verifier itself chooses to skip (OMS §6.2.1; a bundle
+    alone never widens what is skipped); `ignore_unsigned`: files on disk the signature does not list are not an
+    error (OMS §8.5).
 
     Raises VerificationError naming the first thing wrong (bundle, key, signature, statement) or every file that
-    differs (changed, added, removed, renamed). Returns a report: files, subject digest, key, provenance.
+    differs (changed, added, removed, renamed). Returns a report: files, subject digest, signer, provenance.
     """
     folder = Path(folder)
     root = folder.resolve()
     if not folder.is_dir():
         raise VerificationError(f"{folder}: no such folder to verify.")
     sig_path = Path(sig_path) if sig_path else default_sig_path(folder)
-    # a public key object is for the caller that derived it from the private key it holds (export)
-    public_key = load_public_key(Path(pub_path)) if isinstance(pub_path, (str, Path)) else pub_path
 
-    # 1. the bundle, the key hint and the signature: nothing in the payload is trusted before this passes
+    # 1. the bundle, who signed it and the signature: nothing in the payload is trusted before this passes
     bundle = _read_bundle(sig_path)
-    envelope = bundle["dsseEnvelope"]
-    hint = key_hint(public_key)
-    claimed = _get(bundle, "verificationMaterial", "publicKey", "hint")
-    if claimed and claimed != hint:
-        raise VerificationError(f"{sig_path}: signed by another key (key hint {str(claimed)[:16]}…), not by "
-                                f"{pub_path} (key hint {hint[:16]}…).", hint="Verify with the signer's public key.")
-    payload = _b64(envelope.get("payload"), sig_path, "dsseEnvelope.payload")
-    signature = _b64(envelope["signatures"][0].get("sig"), sig_path, "dsseEnvelope.signatures[0].sig")
-    if not _signature_ok(public_key, signature, pae(envelope["payloadType"], payload)):
-        raise VerificationError(f"{sig_path}: the signature does not verify with {pub_path}: the signature or the "
-                                f"signed payload was changed, or another key made it.")
+    payload, signer = _check_envelope(bundle, sig_path, pub_path, ca)
 
     # 2. the signed statement: types, ignore paths, resources, subject digest
     statement = _check_statement(payload, sig_path, allowed_ignore=_ignore_paths(root, sig_path))
@@ -180,10 +174,29 @@ def verify_folder(folder: Path, pub_path: Path, *, sig_path: Path | None = None)
         "subject_digest": statement["subject"][0]["digest"]["sha256"],
         "files": [{"name": n, "digest": d, "size": sizes[n]} for n, d in expected.items()],
         "ignore_paths": ignore,
-        "key": {"path": str(pub_path), "hint": hint, "fingerprint": f"SHA256:{hint}",
-                "curve": public_key.curve.name},
+        "key": signer,
         "provenance": provenance,
     }
+
+
+def _check_envelope(bundle: dict, sig_path: Path, pub_path, ca: tuple[Path, ...]) -> tuple[bytes, dict]:
+    """The DSSE signature checked with the signer's key; returns the payload and who signed
+    ({"method", "path", "hint", "fingerprint", "curve"} for the key method)."""
+    envelope = bundle["dsseEnvelope"]
+    # a public key object is for the caller that derived it from the private key it holds (export)
+    public_key = load_public_key(Path(pub_path)) if isinstance(pub_path, (str, Path)) else pub_path
+    hint = key_hint(public_key)
+    claimed = _get(bundle, "verificationMaterial", "publicKey", "hint")
+    if claimed and claimed != hint:
+        raise VerificationError(f"{sig_path}: signed by another key (key hint {str(claimed)[:16]}…), not by "
+                                f"{pub_path} (key hint {hint[:16]}…).", hint="Verify with the signer's public key.")
+    payload = _b64(envelope.get("payload"), sig_path, "dsseEnvelope.payload")
+    signature = _b64(envelope["signatures"][0].get("sig"), sig_path, "dsseEnvelope.signatures[0].sig")
+    if not _signature_ok(public_key, signature, pae(envelope["payloadType"], payload)):
+        raise VerificationError(f"{sig_path}: the signature does not verify with {pub_path}: the signature or the "
+                                f"signed payload was changed, or another key made it.")
+    return payload, {"method": "key", "path": str(pub_path), "hint": hint, "fingerprint": f"SHA256:{hint}",
+                     "curve": public_key.curve.name}
 
 
 def _check_statement(payload: bytes, sig_path: Path, *, allowed_ignore: list[str]) -> dict:
@@ -308,18 +321,11 @@ def default_sig_path(folder: Path) -> Path:
     return resolved.with_name(resolved.name + ".sig")
 
 
-def _ecdsa(key):
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.ECDSA(getattr(hashes, HASH_FOR_CURVE[key.curve.name])())
-
-
 def _signature_ok(public_key, signature: bytes, message: bytes) -> bool:
     from cryptography.exceptions import InvalidSignature
 
     try:
-        public_key.verify(signature, message, _ecdsa(public_key))
+        public_key.verify(signature, message, ecdsa_for(public_key))
     except InvalidSignature:
         return False
     return True
