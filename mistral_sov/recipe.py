@@ -108,8 +108,9 @@ class TrainSection(_Strict):
 
 class OutputSection(_Strict):
     dir: str
-    sign_key: Optional[str] = Field(None, description="private key (.pem) to sign the adapter with; kept outside "
-                                    "output folders, passphrase from $MSOV_KEY_PASSPHRASE")
+    sign_key: Optional[str] = Field(None, description="private key (.pem) to sign the adapter with, kept outside "
+                                    "output folders, passphrase from $MSOV_KEY_PASSPHRASE; or a key in an HSM "
+                                    "(pkcs11:token=...;object=..., PIN from $MSOV_PKCS11_PIN)")
 
 
 class Recipe(_Strict):
@@ -191,8 +192,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     if data["data"]["chat_template"]:
         data["data"]["chat_template"] = resolve(data["data"]["chat_template"])
     data["output"]["dir"] = resolve(data["output"]["dir"])
-    if data["output"]["sign_key"]:
-        data["output"]["sign_key"] = resolve(data["output"]["sign_key"])
+    if data["output"]["sign_key"] and not str(data["output"]["sign_key"]).lower().startswith("pkcs11:"):
+        data["output"]["sign_key"] = resolve(data["output"]["sign_key"])  # an HSM key (RFC 7512 URI) is no path
     return Recipe.model_validate(data)
 
 

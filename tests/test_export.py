@@ -218,6 +218,18 @@ def test_adapter_registry_versions_are_immutable(cli, trained_run, keys, tmp_pat
     human = cli("registry", "list", registry)
     assert "1.4.0" in human.stdout and "verified" not in human.stdout
 
+    # a second party approves the release (beside the entry, never inside it: the entry's files are unchanged)
+    from mistral_sov.trust.keys import generate_keypair
+
+    approver_key, approver_pub = generate_keypair(tmp_path / "approver")
+    approved = cli("approve", folder, "--key", approver_key, "--signed-by", public, "--sig", folder / "model.sig")
+    assert approved.exit_code == 0, approved.output
+    rows = json.loads(cli("registry", "list", registry, "--pub", public, "--json").stdout)["adapters"]
+    assert rows[0]["status"] == "verified" and len(rows[0]["approved_by"]) == 1 and rows[1]["approved_by"] == []
+    both = cli("verify", folder, "--require", public, "--require", approver_pub, "--sig", folder / "model.sig")
+    assert both.exit_code == 0, both.output
+    assert "approved by" in both.stdout
+
 
 def test_exports_load_without_msov(cli, trained_run, tiny_model, tmp_path):
     """What users ship loads in plain transformers / peft: the merged model gives the PEFT model's logits."""

@@ -274,6 +274,11 @@ def print_answers(console, answers: dict) -> None:
 def print_keygen(console, result: dict) -> None:
     from ..trust.keys import PASSPHRASE_ENV
 
+    if result.get("in_token"):
+        console.print(f"private key  {result['private_key']}  (inside the token: sensitive, never extractable)")
+        console.print(f"public key   {result['public_key'] or 'not written (pass --out KEYBASE)'}")
+        console.print(f"fingerprint  SHA256:{result['key_hint']}")
+        return
     encrypted = result["encrypted"]
     console.print(f"private key  {result['private_key']}  (mode 0600{', encrypted' if encrypted else ''}; keep it "
                   f"secret, outside every output folder)")
@@ -284,24 +289,74 @@ def print_keygen(console, result: dict) -> None:
                       f"to encrypt it[/]")
 
 
+def print_approved(console, result: dict) -> None:
+    approver, signer = result["approver"], result["signer"]
+    console.print(f"[green]approved[/] {result['folder']}  sha256:{result['subject_digest'][:16]}…")
+    console.print(f"approval     {result['approval']}")
+    console.print(f"approved by  {approver.get('subject') or 'SHA256:' + approver['key_hint']}")
+    console.print(f"signed by    {signer.get('subject') or signer['fingerprint']}  (checked before approving)")
+
+
 def print_signed(console, result: dict, folder: Path) -> None:
+    signer = result.get("signer") or {}
     console.print(f"[green]signed[/] {result['files']} files of {folder}")
     console.print(f"signature       {result['sig']}")
     console.print(f"subject digest  sha256:{result['subject_digest']}")
+    if signer.get("method") == "certificate":
+        console.print(f"certificate     {_safe(signer['subject'])}  (OMS certificate method)")
+        console.print(f"issued by       {' → '.join(_safe(i) for i in signer['issuers'])}")
+        console.print(f"valid until     {signer['not_after']}")
     console.print(f"key             SHA256:{result['key_hint']}")
 
 
 def print_verified(console, report: dict, folder: Path, explain: bool) -> None:
-    """`report["provenance"]`: the explained provenance (trust.provenance.explain), None when there is none."""
+    """`report["provenance"]`: the explained provenance (trust.provenance.explain), None when there is none.
+    `report["key"]`: who signed (trust.oms._check_envelope): a key, or a certificate and its issuer chain."""
+    signer = report["key"]
+    certificate = signer.get("method") == "certificate"
     console.print(f"[bold green]verified[/] {len(report['files'])} files of {folder} against {report['sig']}")
     console.print(f"subject digest  sha256:{report['subject_digest']}")
-    console.print(f"signer key      {report['key']['fingerprint']} ({report['key']['curve']})")
+    if certificate:
+        console.print(f"signed by       {_safe(signer['subject'])}  (certificate issued by "
+                      f"{' → '.join(_safe(i) for i in signer['issuers'])})")
+    for party in report.get("parties", [])[1:]:  # --require: each approver, verified like the signer
+        who = _safe(party["subject"]) if party.get("method") == "certificate" else party["fingerprint"]
+        console.print(f"approved by     {who}  ({_safe(party['sig'])})")
+    if signer.get("signed_at"):
+        console.print(f"signed at       {signer['signed_at']}  (RFC 3161 timestamp, checked against the --tsa-ca "
+                      f"root)")
+    elif signer.get("timestamp"):
+        console.print(f"[yellow]timestamp       {signer['timestamp']}[/]")
+    if report.get("unsigned"):
+        console.print(f"[yellow]{len(report['unsigned'])} files are not covered by the signature "
+                      f"(--ignore-unsigned-files): {', '.join(_safe(n) for n in report['unsigned'][:5])}"
+                      f"{' …' if len(report['unsigned']) > 5 else ''}[/]")
     if not explain:
+        if not certificate:
+            console.print(f"signer key      {signer['fingerprint']} ({signer['curve']})")
         return
+    console.print()
+    console.print("[bold]how it was signed[/] (OMS §4.1)")
+    if certificate:
+        console.print(f"method          certificate: chain validated to the --ca root {_safe(signer['path'])} at "
+                      f"{signer['validated_at']}")
+        console.print(f"certificate     {_safe(signer['subject'])}  {signer['certificate_fingerprint']}")
+        console.print(f"issuer chain    {' → '.join(_safe(i) for i in signer['issuers'])}")
+        console.print(f"valid           {signer['not_before']} → {signer['not_after']}")
+    else:
+        console.print(f"method          key: the public key {_safe(signer['path'])}")
+    console.print(f"signer key      {signer['fingerprint']} ({signer['curve']})")
     if report["provenance"] is None:
         console.print("[yellow]no msov/provenance.json in this folder: nothing to say about its inputs[/]")
     else:
         print_explanation(console, report["provenance"])
+
+
+def _safe(text: str) -> str:
+    """A certificate name or path on screen: no terminal control, no rich markup (a CA may put `[` in a name)."""
+    from ..trust.hashing import printable
+
+    return escape(printable(str(text)))
 
 
 def print_explanation(console, facts: dict) -> None:
@@ -405,12 +460,24 @@ def print_registry(console, listing: dict) -> None:
     if not entries:
         print(f"{listing['registry']}: no adapters yet")
         return
-    rows = [("name", "version", "digest", "base model", "date", "signed by", "status")]
+    rows = [("name", "version", "digest", "base model", "date", "signed by", "approved by", "status")]
     rows += [(e["name"], e["version"], _short(e["digest"]), _short(e["base_model_digest"]), (e["date"] or "-")[:10],
-              f"SHA256:{_short(e['signed_by'])}" if e["signed_by"] else "-", e["status"]) for e in entries]
+              _party(e["signed_by"]), ", ".join(map(_party, e.get("approved_by") or [])) or "-", e["status"])
+             for e in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+def _party(who: str | None) -> str:
+    """A key as SHA256:<12 hex>, a certificate by its subject's common name (the listing is one line per entry)."""
+    from ..trust.hashing import printable
+
+    if not who:
+        return "-"
+    if who.startswith("SHA256:"):
+        return who[:19]
+    return printable(next((part[3:] for part in who.split(",") if part.startswith("CN=")), who))
 
 
 def _short(digest: str | None) -> str:

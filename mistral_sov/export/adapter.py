@@ -22,7 +22,8 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
     provenance and signature. Its id is the folder's OMS subject digest (the signature's subject)."""
     from ..guard.paths import refuse_overlap
     from ..trust.hashing import DEFAULT_IGNORE, folder_digest
-    from ..trust.keys import check_signing_key, refuse_secrets
+    from ..trust.keys import refuse_secrets
+    from ..trust.signer import check_signer
     from ..trust.oms import sign_folder
     from ..trust.provenance import PROVENANCE_PATH, write_provenance
 
@@ -37,7 +38,7 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
         target = Path(out)
         check_target(target, overwrite)
     refuse_overlap(target, [run_path, base, run.base_path], what="--out")
-    key_hint = check_signing_key(key, outside=(target,)) if key else None
+    key_hint = check_signer(key, outside=(target,)) if key else None
     refuse_secrets(run.adapter_dir, key=key)
 
     with staged(target, sig_inside=REGISTRY_SIG if registry is not None else None) as stage:

@@ -29,7 +29,8 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
                   overwrite: bool = False, on_event: EventSink = no_events, fmt: str = "hf") -> dict:
     """`msov export RUN --merge --out OUT`: base + adapter as one standard Hugging Face folder (signed: OUT.sig)."""
     from ..trust.hashing import folder_digest
-    from ..trust.keys import check_signing_key, refuse_secrets
+    from ..trust.keys import refuse_secrets
+    from ..trust.signer import check_signer
     from ..trust.oms import sign_folder
     from ..trust.provenance import write_provenance, write_statement
 
@@ -52,7 +53,7 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
     from ..guard.paths import refuse_overlap
 
     refuse_overlap(out, [run_path, folder.path], what="--out")
-    key_hint = check_signing_key(key, outside=(out,)) if key else None
+    key_hint = check_signer(key, outside=(out,)) if key else None
     refuse_secrets(run.adapter_dir, key=key)
 
     # 2. the base files the merge reads are the files the run trained on

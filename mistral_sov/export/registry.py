@@ -52,8 +52,9 @@ def existing_entry(target: Path, name: str, version: str | None, digest: str, ba
 
 
 def list_registry(registry: Path, *, pub: Path | None = None) -> list[dict]:
-    """Every DIR/<name>/<version>/: digest (recomputed), base model digest, date, signer; with `pub`, each entry
-    verified on its own, against the name and version it was signed as."""
+    """Every DIR/<name>/<version>/: digest (recomputed), base model digest, date, signer, approvers (as their
+    approvals beside the entry claim, for these very files: `msov verify --require` checks them); with `pub`,
+    each entry verified on its own, against the name and version it was signed as."""
     registry = Path(registry)
     if not registry.is_dir():
         raise InputError(f"{registry}: no such registry folder.")
@@ -64,12 +65,13 @@ def list_registry(registry: Path, *, pub: Path | None = None) -> list[dict]:
             entries.append(_entry(folder, pub))
         except MsovError as exc:  # one bad entry is reported as such; the others are still listed
             entries.append({"name": folder.parent.name, "version": folder.name, "digest": None,
-                            "base_model_digest": None, "date": None, "signed_by": None,
+                            "base_model_digest": None, "date": None, "signed_by": None, "approved_by": [],
                             "status": f"FAILED: {exc.message}", "path": str(folder)})
     return sorted(entries, key=lambda e: (e["name"], _version_key(e["version"])))
 
 
 def _entry(folder: Path, pub: Path | None) -> dict:
+    from ..trust.approvals import approvers_of
     from ..trust.oms import verify_folder
     from ..trust.provenance import explain, read_provenance
 
@@ -91,7 +93,8 @@ def _entry(folder: Path, pub: Path | None) -> dict:
             status = f"FAILED: {exc.message}"
     return {"name": folder.parent.name, "version": folder.name, "digest": digest,
             "base_model_digest": base_digest(files), "date": facts.get("finished"),
-            "signed_by": bundle.get("key_hint"), "status": status, "path": str(folder)}
+            "signed_by": bundle.get("signer"), "approved_by": approvers_of(folder, digest), "status": status,
+            "path": str(folder)}
 
 
 def _signed_as(folder: Path, subject: str) -> str:

@@ -8,7 +8,6 @@ checkpoints go only after it, so a kill before the publish can still resume.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from ..events import EventSink
 from ..record import RunRecord, SignatureRef
@@ -29,7 +28,7 @@ def seal_adapter(record: RunRecord, recipe: Recipe, target: Target, sign_key: st
     write_provenance(adapter, record, recipe.model_dump(mode="json"))  # reads no digest or signature: none yet
     if not sign_key:
         return record.model_copy(update={"adapter_digest": folder_digest(adapter)})
-    signed = sign_folder(adapter, Path(sign_key), sig_path=target.work_dir / "adapter.sig")
+    signed = sign_folder(adapter, sign_key, sig_path=target.work_dir / "adapter.sig")
     signature = SignatureRef(path=str(target.out_dir / "adapter.sig"), key_hint=signed["key_hint"])
     return record.model_copy(update={"signature": signature, "adapter_digest": signed["subject_digest"]})
 

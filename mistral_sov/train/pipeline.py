@@ -13,7 +13,6 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 from .. import __version__
 from ..events import EventSink, no_events
@@ -183,9 +182,9 @@ def check_run(recipe: Recipe, engine: Engine, lock: ExitStack, *, resume: bool, 
         checkpoint = check_targets(recipe, where.out_dir, where.work_dir, resume=resume, overwrite=overwrite,
                                    main=main)
         if sign_key and main:  # a wrong passphrase or a misplaced key must fail now, not after training
-            from ..trust.keys import check_signing_key
+            from ..trust.signer import check_signer
 
-            check_signing_key(Path(sign_key), outside=(where.out_dir, where.work_dir))
+            check_signer(sign_key, outside=(where.out_dir, where.work_dir))
         return replace(where, checkpoint=checkpoint), prepare_inputs(recipe, on_event)
 
     target, prepared = all_ranks_agree(check_everything, fingerprint=lambda found: {

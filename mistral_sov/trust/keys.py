@@ -23,8 +23,8 @@ ALLOW_OPEN_KEY_ENV = "MSOV_ALLOW_OPEN_KEY"
 _PRIVATE_PEM = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 # Markers are looked for in a whole small file, and in the head and tail of a large one (weights stay unread).
 _SNIFF_WHOLE, _SNIFF_EDGE, _DER_MAX = 1 << 20, 1 << 16, 1 << 14
-CURVES = {"P-256": "SECP256R1", "P-384": "SECP384R1"}
-# Verification also accepts P-521, which model_signing can produce; each curve signs with its matching hash.
+CURVES = {"P-256": "SECP256R1", "P-384": "SECP384R1", "P-521": "SECP521R1"}
+# Each curve signs with its matching hash, as model_signing does (OMS algorithm registry).
 HASH_FOR_CURVE = {"secp256r1": "SHA256", "secp384r1": "SHA384", "secp521r1": "SHA512"}
 # Files whose presence marks a folder (or one of its parents) as msov output: no private key may be put there.
 _OUTPUT_MARKERS = ("run.json", "msov/provenance.json", "adapter_config.json")
@@ -62,7 +62,8 @@ def generate_keypair(base: Path, *, curve: str = "P-256", passphrase: bytes | No
 
 def check_signing_key(key_path: Path, *, outside: tuple[Path, ...] = (), passphrase: bytes | None = None) -> str:
     """Load the key now (passphrase included) and refuse one kept inside a folder that will be replaced or
-    published; returns its key hint. For commands that sign at the end of a long job."""
+    published; returns its key hint. For commands that sign at the end of a long job (signer.check_signer also
+    takes a key in an HSM)."""
     resolved = Path(key_path).resolve()
     for folder in outside:
         if is_within(resolved, Path(folder).resolve()):
@@ -92,7 +93,7 @@ def load_private_key(path: Path, passphrase: bytes | None = None):
                          hint=f"The passphrase comes from {PASSPHRASE_ENV}; `msov keygen` makes a key pair.") \
             from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in HASH_FOR_CURVE:
-        raise InputError(f"{path}: OMS key signing needs an ECDSA P-256 or P-384 key.",
+        raise InputError(f"{path}: OMS key signing needs an ECDSA P-256, P-384 or P-521 key.",
                          hint="`msov keygen --out KEYBASE` makes one.")
     return key
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from .keys import HASH_FOR_CURVE, key_hint, load_private_key
+from .keys import HASH_FOR_CURVE, check_signing_key, key_hint, load_private_key
 
 
 class Signer(Protocol):
@@ -48,7 +48,7 @@ def open_signer(key: str | Path, *, passphrase: bytes | None = None, cert: Path 
                 chain: tuple[Path, ...] = ()) -> Signer:
     """`--key PATH` or `--key pkcs11:...` (RFC 7512), with `--cert LEAF [--chain INTERMEDIATE]...` the
     certificate method instead of the key method."""
-    if str(key).startswith("pkcs11:"):
+    if is_pkcs11(key):
         from .pkcs11 import Pkcs11Signer
 
         signer = Pkcs11Signer(str(key))
@@ -59,6 +59,22 @@ def open_signer(key: str | Path, *, passphrase: bytes | None = None, cert: Path 
 
         signer = CertificateSigner(signer, Path(cert), tuple(Path(c) for c in chain))
     return signer
+
+
+def check_signer(key: str | Path, *, outside: tuple[Path, ...] = ()) -> str:
+    """Reach the signing key now (passphrase or PIN included) so a long job fails at its start, not its end;
+    returns its key hint. A key file inside a folder msov writes or replaces is refused (keys.check_signing_key)."""
+    if is_pkcs11(key):
+        from .pkcs11 import Pkcs11Signer
+
+        with Pkcs11Signer(str(key)) as signer:
+            return signer.key_hint
+    return check_signing_key(Path(key), outside=outside)
+
+
+def is_pkcs11(key) -> bool:
+    """An RFC 7512 URI (the scheme is case-insensitive) rather than a key file's path."""
+    return isinstance(key, (str, Path)) and str(key)[:7].lower() == "pkcs11:"
 
 
 def ecdsa_for(public_key):
