@@ -112,6 +112,15 @@ class OutputSection(_Strict):
                                     "output folders, passphrase from $MSOV_KEY_PASSPHRASE; or a key in an HSM "
                                     "(pkcs11:token=...;object=..., PIN from $MSOV_PKCS11_PIN)")
 
+    @field_validator("sign_key")
+    @classmethod
+    def _no_pin_in_a_recipe(cls, value: Optional[str]) -> Optional[str]:
+        # the resolved recipe is recorded in the run folder and in the signed provenance that ships with the adapter
+        if value and value[:7].lower() == "pkcs11:" and "pin-value=" in value.lower():
+            raise ValueError("a PIN (pin-value) in a recipe would be recorded in the run's provenance and shipped "
+                             "with the adapter; use pin-source=file:PATH or $MSOV_PKCS11_PIN")
+        return value
+
 
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -269,6 +278,7 @@ def _explain(exc: ValidationError, source: str, lines: dict) -> str:
         else:
             got = err.get("input")
             shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-            msg = f"{err['msg']} (got {shown})"
+            # a signing key's reference may hold a secret (a PIN); its error never repeats the value
+            msg = f"{err['msg']}" if loc[:2] == ("output", "sign_key") else f"{err['msg']} (got {shown})"
         problems.append(f"{where}: {dotted}: {msg}")
     return "invalid recipe:\n  " + "\n  ".join(problems)

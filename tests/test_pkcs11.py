@@ -391,8 +391,17 @@ def test_cli_keygen_in_the_token_then_a_run_signed_by_it_verifies(hsm, tiny_mode
     checked = cli("verify", tmp_path / "run" / "adapter", "--key", public, "--json")
     assert checked.exit_code == 0, checked.output
     assert json.loads(checked.stdout)["key"]["hint"] == answer["key_hint"]
-    wrong_pin = hsm["uri"]("run-signer", **{"pin-source": None, "pin-value": "0000"})
+    wrong_pin_file = tmp_path / "wrong.pin"
+    wrong_pin_file.write_text("0000\n")
+    wrong_pin = hsm["uri"]("run-signer", **{"pin-source": f"file:{wrong_pin_file}"})
     refused = cli("finetune", write_recipe({**recipe, "output": {**recipe["output"], "sign_key": wrong_pin,
                                                                   "dir": str(tmp_path / "run2")}}, "r2.yaml"),
                   "--json")
     assert refused.exit_code == 3 and "0000" not in refused.stdout and not (tmp_path / "run2.partial").exists()
+    assert "PIN" in json.loads(refused.stdout)["error"]
+    # a PIN written into a recipe would be recorded in the signed provenance: refused before anything runs
+    in_recipe = hsm["uri"]("run-signer", **{"pin-source": None, "pin-value": PIN})
+    leaked = cli("finetune", write_recipe({**recipe, "output": {**recipe["output"], "sign_key": in_recipe,
+                                                                 "dir": str(tmp_path / "run3")}}, "r3.yaml"),
+                 "--json")
+    assert leaked.exit_code == 3 and "pin-value" in json.loads(leaked.stdout)["error"] and PIN not in leaked.stdout
