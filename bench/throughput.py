@@ -20,8 +20,9 @@ machine every arm sees the same background load. Each arm's clock runs only duri
 Reported: supervised tokens/s (label != -100) per arm and the ratio to the baseline, the share of each arm's
 batches that was padding, peak RSS, the mean training loss over the whole epoch and over its last 20% of steps,
 and model FLOPs utilisation against a float32 matrix-multiply peak measured in the same run. Model FLOPs are the
-work a step cannot avoid: frozen weights 4 FLOPs per parameter per token (forward + input gradient), LoRA weights
-6, the LM head only at supervised positions, causal attention within each row, no padding.
+work a step cannot avoid, counted as `msov finetune` records them (mistral_sov/model/compute.py): frozen weights 4
+FLOPs per parameter per token (forward + input gradient), LoRA weights 6, the LM head only at supervised positions,
+causal attention within each row, no padding.
 """
 
 from __future__ import annotations
@@ -100,17 +101,14 @@ def prepare(work: Path, args) -> dict:
 
 
 def model_flops(config, trainable: int, lengths_and_supervised: list[tuple[int, int]]) -> float:
-    """FLOPs a training step cannot avoid for these rows (see the module docstring)."""
-    d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q_dim, kv_dim = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    body = layers * (d * q_dim * 2 + d * kv_dim * 2 + 3 * d * inter)  # q, o, k, v, gate, up, down
-    total = 0.0
-    for length, supervised in lengths_and_supervised:
-        pairs = length * (length + 1) / 2  # causal query-key pairs within the row
-        total += length * (4 * body + 6 * trainable) + supervised * 4 * d * config.vocab_size
-        total += layers * 12 * q_dim * pairs  # QK^T and AV forward (2 x 2), backward twice that
-    return total
+    """FLOPs a training step cannot avoid for these rows: msov's own count (mistral_sov/model/compute.py), the one
+    `msov finetune` records, with no padding (each row's own length)."""
+    from mistral_sov.model.compute import ModelShape, causal_pairs, training_flops
+
+    return training_flops(ModelShape.from_config(config), trainable=trainable,
+                          tokens=sum(length for length, _ in lengths_and_supervised),
+                          supervised=sum(supervised for _, supervised in lengths_and_supervised),
+                          attention_pairs=sum(causal_pairs(length) for length, _ in lengths_and_supervised))
 
 
 def matmul_peak(seconds: float = 3.0, n: int = 1024) -> float:

@@ -28,6 +28,9 @@ class ModelSection(_Strict):
     allow_pickle: bool = Field(False, description="allow pickle .bin weights (unsafe: runs code on load)")
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    base_training_flops: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False, description="the base model's pre-training compute in FLOPs (e.g. 2.5e24), "
+        "as its provider states it: the run record gives the fine-tune's share of it")
 
 
 class QuantizationSection(_Strict):

@@ -115,6 +115,52 @@ class SignatureRef(_Part):
     key_hint: str
 
 
+class ComputeRecord(_Part):
+    """Training compute actually spent, in model FLOPs (model/compute.py states the count), and its share of the base
+    model's pre-training compute when the user declared that (recipe model.base_training_flops or the flag)."""
+
+    flops: float
+    tokens_processed: int  # the Trainer's count over all ranks and every step (a resumed run's earlier ones too)
+    supervised_tokens: int  # estimated: tokens_processed × the training data's supervised share
+    attention_pairs: int  # estimated: tokens_processed × the training data's causal pairs per token
+    total_parameters: int
+    trainable_parameters: int
+    frozen_matmul_parameters: Optional[int] = None  # None: the model's shape was unknown (see formula)
+    lm_head_parameters: Optional[int] = None
+    attention_width: Optional[int] = None  # layers × query width
+    formula: str
+    base_training_flops: Optional[float] = None
+    ratio: Optional[float] = None  # flops / base_training_flops
+    threshold: float = 1 / 3
+    above_threshold: Optional[bool] = None  # ratio > threshold
+
+
+class EgressControl(_Part):
+    active: bool  # False when finetune ran as a library call outside the guard
+    refused: int = 0
+    refused_destinations: list[str] = Field(default_factory=list)  # host:port, the first ten
+
+
+class ScanControl(_Part):
+    """The personal-data and secrets policy the run applied, and what the scan counted."""
+
+    action: Literal["warn"] = "warn"  # finetune warns and trains on the data as given
+    fail_on: list[str] = Field(default_factory=list)  # kinds that would have stopped the run
+    redact: bool = False  # whether findings were redacted before tokenising
+    files: int = 0
+    rows: int = 0
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+class Controls(_Part):
+    """Evidence of the controls that ran, not only of how they were configured."""
+
+    egress_guard: EgressControl
+    offline_env: dict[str, Optional[str]] = Field(default_factory=dict)  # as os.environ held them when training ended
+    scan: ScanControl = Field(default_factory=ScanControl)
+    seed: int
+
+
 class RunRecord(_Part):
     schema_version: int = Field(SCHEMA, alias="schema")
     status: Literal["complete"] = "complete"
@@ -137,6 +183,8 @@ class RunRecord(_Part):
     signature: Optional[SignatureRef] = None
     adapter_digest: str  # the adapter folder's OMS subject digest: its id
     loss_plot: Optional[str] = None
+    compute: Optional[ComputeRecord] = None  # None in records written before it was measured
+    controls: Optional[Controls] = None
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

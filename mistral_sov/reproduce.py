@@ -5,12 +5,17 @@
 3. training runs again with the recorded recipe and seed, into a scratch folder;
 4. the new weight files are compared with the recorded ones. Where identity cannot be expected (other library
    versions, another device), the report says why and compares held-out loss instead.
+
+The outcome is written beside the folder, never inside it (the signed folder must not change):
+FOLDER.reproduced.json, whether the weights were reproduced or differ, for whoever reports on the folder later.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import VerificationError
@@ -78,9 +83,10 @@ def reproduce(folder: Path, public_key: Path, *, sig_path: Path | None = None, o
     new_loss = record.eval.after.loss if record.eval.after else None
     report = {"folder": str(folder), "identical": identical, "recorded": recorded, "reproduced": fresh,
               "version_changes": version_changes, "eval_loss": {"recorded": recorded_loss, "reproduced": new_loss},
-              "kept_at": str(target) if out is not None else None}
+              "kept_at": str(target) if out is not None else None, "result_file": str(result_path(folder))}
     if identical:
         report["status"] = "identical"
+        write_result(folder, report)
         return report
     reasons = [f"{k} {a} -> {b}" for k, (a, b) in version_changes.items()]
     if device_then:
@@ -90,9 +96,45 @@ def reproduce(folder: Path, public_key: Path, *, sig_path: Path | None = None, o
     report["reasons"] = reasons
     if reasons and close:
         report["status"] = "equivalent"
+        write_result(folder, report)
         return report
     why = "; ".join(reasons) if reasons else "same library versions and device, so it should have been identical"
+    report["status"] = "differs"
+    write_result(folder, report)
     raise VerificationError(
         f"the reproduced adapter differs from the signed one ({why}); eval loss recorded {recorded_loss}, "
         f"reproduced {new_loss}.",
         hint="Check the library versions (msov version) and that the run used deterministic CPU settings.")
+
+
+def result_path(folder: Path) -> Path:
+    """FOLDER.reproduced.json: beside the folder, as FOLDER.sig is, so that the signed files stay as signed."""
+    folder = Path(folder)
+    folder = folder if folder.name else folder.resolve()  # `adapter/.` has no name of its own
+    return folder.with_name(folder.name + ".reproduced.json")
+
+
+def write_result(folder: Path, report: dict) -> Path:
+    """Record the outcome (atomically): reproduced (byte-identical or equivalent) or differs, with the digests over
+    the signed weights and the re-run's (each the OMS subject digest of the weight files, in name order)."""
+    from . import __version__
+    from .trust.hashing import sort_key, subject_digest, write_atomic
+
+    def weights_digest(digests: dict[str, str]) -> str | None:
+        return subject_digest(digests[n] for n in sorted(digests, key=sort_key)) if digests else None
+
+    status = report["status"]
+    result = {
+        "status": "differs" if status == "differs" else "reproduced",
+        "match": status,  # identical | equivalent (within the eval-loss tolerance) | differs
+        "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "folder": str(Path(folder).resolve()),
+        "expected_digest": weights_digest(report["recorded"]), "got_digest": weights_digest(report["reproduced"]),
+        "weights": {"recorded": report["recorded"], "reproduced": report["reproduced"]},
+        "eval_loss": report["eval_loss"], "eval_loss_tolerance": EVAL_LOSS_TOLERANCE,
+        "version_changes": report["version_changes"], "reasons": report.get("reasons", []),
+        "msov_version": __version__,
+    }
+    path = result_path(folder)
+    write_atomic(path, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    return path

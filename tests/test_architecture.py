@@ -21,7 +21,7 @@ LAYERS = {
     "data": 4, "model": 4,
     "evaluate": 5, "export": 5,
     "train": 6,
-    "reproduce": 7, "tools": 7,
+    "reproduce": 7, "tools": 7, "report": 7,
     "cli": 8, "__main__": 9,
 }
 

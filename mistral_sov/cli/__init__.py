@@ -9,11 +9,11 @@ from __future__ import annotations
 from .base import app, command
 
 # Imported last, for their side effect: each module's commands register on `app` (and its groups).
-from . import machine, train, audit, eval, export, data  # noqa: E402,F401,I001
+from . import machine, train, audit, eval, export, data, report  # noqa: E402,F401,I001
 
 # The order `msov --help` has always listed the commands in, whatever order the modules register them in (a
 # command not named here comes last).
-HELP_ORDER = ("version", "finetune", "demo", "tiny-model", "keygen", "sign", "verify", "reproduce", "eval",
+HELP_ORDER = ("version", "finetune", "demo", "tiny-model", "keygen", "sign", "verify", "reproduce", "report", "eval",
               "generate", "export", "plan", "doctor", "convert")
 
 

@@ -162,7 +162,8 @@ def reproduce(
     out: Optional[Path] = typer.Option(None, "--out", help="keep the re-run here (default: a scratch folder)"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Re-run a signed training from its provenance; check the new adapter equals the signed one."""
+    """Re-run a signed training from its provenance; check the new adapter equals the signed one (the outcome is
+    written beside the folder, to FOLDER.reproduced.json)."""
     from ..reproduce import reproduce as run_reproduce
 
     emit(run_reproduce(folder, key, sig_path=sig, out=out, on_event=events(as_json)), show.print_reproduced)

@@ -392,6 +392,10 @@ def print_explanation(console, facts: dict) -> None:
     if train or before or after:
         console.print(f"metrics      {train.get('steps')} steps, final train loss {num(train.get('final_loss'))}; "
                       f"eval loss {num(before.get('loss'))} → {num(after.get('loss'))}")
+    if compute := facts.get("compute"):
+        console.print("compute      " + _compute_line(compute))
+    if controls := facts.get("controls"):
+        console.print("controls     " + safe(_controls_line(controls)))
     for item in facts["weights"]:
         console.print(f"weights      {item['sha256'][:16]}  {safe(item['name'])}")
     export = facts.get("export")
@@ -409,6 +413,33 @@ def print_explanation(console, facts: dict) -> None:
         console.print("sealed at export time: everything above (a bare adapter: no training record existed)")
 
 
+def _compute_line(compute: dict) -> str:
+    line = f"{compute.get('flops', 0):.3g} FLOPs over {compute.get('tokens_processed')} tokens"
+    threshold = compute.get("threshold") or 1 / 3
+    if compute.get("ratio") is None:
+        return line + f"; base model's pre-training compute not declared (the 1/3 threshold: {threshold:.3g})"
+    verdict = "ABOVE" if compute.get("above_threshold") else "below"
+    return (line + f" = {compute['ratio']:.3g} × the base's {compute.get('base_training_flops'):.3g}; {verdict} the "
+            f"1/3 threshold of the EU's 2025 GPAI guidelines")
+
+
+def _controls_line(controls: dict) -> str:
+    egress = controls.get("egress_guard") or {}
+    if egress.get("active"):
+        refused = egress.get("refused", 0)
+        where = ", ".join(egress.get("refused_destinations") or [])
+        guard = f"egress guard on, refused {refused}" + (f" ({where})" if where else "")
+    else:
+        guard = "egress guard NOT active"
+    env = controls.get("offline_env") or {}
+    offline = "HF_HUB_OFFLINE=" + str(env.get("HF_HUB_OFFLINE")) + f" (+{max(len(env) - 1, 0)} more)"
+    scan = controls.get("scan") or {}
+    found = sum((scan.get("counts") or {}).values())
+    policy = (f"scan {scan.get('action', 'warn')}, fail-on {','.join(scan.get('fail_on') or []) or 'none'}, "
+              f"redact {'yes' if scan.get('redact') else 'no'}, {found} findings")
+    return f"{guard}; offline env {offline}; {policy}; seed {controls.get('seed')}"
+
+
 def print_reproduced(console, report: dict) -> None:
     if report["status"] == "identical":
         console.print("[bold green]reproduced[/]: the re-run's weights are byte-identical to the signed ones")
@@ -418,6 +449,8 @@ def print_reproduced(console, report: dict) -> None:
                       + f"); eval loss {num(loss['recorded'])} -> {num(loss['reproduced'])}")
     for name, digest in report["reproduced"].items():
         console.print(f"  {name}  sha256:{digest}")
+    if report.get("result_file"):
+        console.print(f"recorded in {escape(report['result_file'])}")
 
 
 def print_manifest(console, described: dict, folder: Path) -> None:

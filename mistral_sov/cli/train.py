@@ -25,6 +25,10 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run at output.dir"),
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="sign the adapter with this private key "
                                             "(overrides output.sign_key; passphrase from $MSOV_KEY_PASSPHRASE)"),
+    base_training_flops: Optional[str] = typer.Option(None, "--base-training-flops", metavar="FLOPS",
+                                                      help="the base model's pre-training compute, e.g. 2.5e24 "
+                                                      "(overrides model.base_training_flops): the run records its "
+                                                      "share of it"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Fine-tune a local model with LoRA as the recipe says; write adapter/, metrics.jsonl and run.json."""
@@ -33,6 +37,8 @@ def finetune(
     from ..record import RunRecord
 
     loaded = load_recipe(recipe, overrides)
+    if base_training_flops is not None:
+        loaded.model.base_training_flops = _positive_flops(base_training_flops)
     if dry_run:
         from ..train.pipeline import dry_run as run_dry
 
@@ -81,6 +87,21 @@ def demo(
     loaded = load_recipe(DEMO_RECIPE, [f"model.path={model_dir.resolve()}", f"output.dir={(out / 'run').resolve()}"])
     record = _run_with_progress(loaded, resume=False, overwrite=True, quiet=as_json)
     emit(DemoResult(record, round(time.monotonic() - started, 2)), show.print_demo)
+
+
+def _positive_flops(text: str) -> float:
+    import math
+
+    from ..errors import UsageError
+
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--base-training-flops: {text!r} is not a positive number of FLOPs; write it as e.g. 2.5e24 "
+                         "(the base model's pre-training compute, as its provider states it).")
+    return value
 
 
 def _run_with_progress(recipe, *, resume: bool, overwrite: bool, quiet: bool, sign_key: str | None = None):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..events import EventSink, no_events
+from .bom import write_bom
 from .card import base_license, chat_template, copy_tokenizer, model_card
 from .registry import ENTRY_IGNORE, REGISTRY_SIG, entry_folder, existing_entry, write_entry_name
 from .source import base_digest, base_folder, load_run
@@ -64,6 +65,8 @@ def export_adapter(run_path: Path, *, out: Path | None = None, registry: Path | 
         (stage.folder / "README.md").write_text(card)
         if registry is not None:  # signed with the rest: a copied or renamed version folder no longer verifies
             write_entry_name(stage.folder, name, version)
+        # last, so that it lists every other file (the copied run's BOM is replaced); signed with them
+        write_bom(stage.folder, name=name, version=version)
         digest = folder_digest(stage.folder, ignore=ENTRY_IGNORE if registry is not None else DEFAULT_IGNORE)
 
         # 3. a version is published once: the same bytes again is a no-op, anything else is refused

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import ModelFolderError, UsageError
 from ..events import EventSink, no_events
 from ..sizes import parse_size
+from .bom import write_bom
 from .card import base_license, copy_tokenizer, model_card
 from .source import base_digest, base_folder, check_base_unchanged, load_run, training_seal
 from .stage import check_target, publish, staged
@@ -109,6 +110,8 @@ def export_merged(run_path: Path, out: Path, *, dtype: str | None = None, shard_
         card = model_card(run, kind="merged", base_ref=str(folder.path) if include_paths else folder.path.name,
                           license_=base_license(folder.path), facts=card_facts, include_paths=include_paths)
         (stage.folder / "README.md").write_text(card)
+        # the ML-BOM last (it lists every other file; the shards by the digests the merge took as it wrote them)
+        write_bom(stage.folder, known=merged["files"])
         # 6. the signature, made before anything is renamed into place (the shards are not read again: the merge
         #    hashed every byte it wrote; `msov verify` re-hashes them all); then the rename
         if key:

@@ -39,6 +39,7 @@ class GuardState:
     allowed_endpoints: set[tuple[str, int]] = field(default_factory=set)  # (host, port) that may be connected to
     resolved: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # endpoint name -> its addresses
     attempts: list[str] = field(default_factory=list)  # every refused destination, for tests and reports
+    destinations: list[str] = field(default_factory=list)  # the same as host:port (host alone for a bare lookup)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -112,17 +113,24 @@ def _caller() -> str:
     return "unknown caller"
 
 
-def _refuse(what: str) -> None:
+def _refuse(what: str, destination: str) -> None:
     caller = _caller()
     if _state is not None:
         with _state.lock:
             _state.attempts.append(what)
+            _state.destinations.append(destination)
     raise EgressRefused(
         f"network access refused: {caller} tried to reach {what}. msov runs offline; nothing may leave this "
         "machine during a run.",
         hint="If a library needs the network for this, it is not usable with msov as configured; report it. "
         "Multi-node runs may reach only the rendezvous endpoint (MASTER_ADDR:MASTER_PORT).",
     )
+
+
+def _host_port(host, port=None) -> str:
+    name = _name(host) if host is not None else "?"
+    name = f"[{name}]" if ":" in name else name  # an IPv6 address, bracketed as in a URL
+    return f"{name}:{port}" if port not in (None, "", 0) else name
 
 
 def _destination(address) -> object:
@@ -133,7 +141,8 @@ def _destination(address) -> object:
 
 def _check_connect(sock, address) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6) and not _allowed_connect(address):
-        _refuse(f"{address!r}")
+        port = address[1] if isinstance(address, tuple) and len(address) > 1 else None
+        _refuse(f"{address!r}", _host_port(_destination(address), port))
 
 
 def _guarded_connect(self, address):
@@ -161,33 +170,33 @@ def _guarded_sendmsg(self, buffers, *args, **kwargs):
 
 def _guarded_getaddrinfo(host, *args, **kwargs):
     if not _allowed_lookup(host):
-        _refuse(f"DNS lookup of {host!r}")
+        _refuse(f"DNS lookup of {host!r}", _host_port(host, args[0] if args else kwargs.get("port")))
     return _original["getaddrinfo"](host, *args, **kwargs)
 
 
 def _guarded_gethostbyname(host):
     if not _allowed_lookup(host):
-        _refuse(f"DNS lookup of {host!r}")
+        _refuse(f"DNS lookup of {host!r}", _host_port(host))
     return _original["gethostbyname"](host)
 
 
 def _guarded_gethostbyname_ex(host):
     if not _allowed_lookup(host):
-        _refuse(f"DNS lookup of {host!r}")
+        _refuse(f"DNS lookup of {host!r}", _host_port(host))
     return _original["gethostbyname_ex"](host)
 
 
 def _guarded_gethostbyaddr(host):
     # A reverse lookup of an address literal is a query too (a PTR record): only local names and addresses.
     if not (_is_loopback(host) or (_state is not None and _name(host) in _state.allowed_hosts)):
-        _refuse(f"reverse DNS lookup of {host!r}")
+        _refuse(f"reverse DNS lookup of {host!r}", _host_port(host))
     return _original["gethostbyaddr"](host)
 
 
 def _guarded_getnameinfo(sockaddr, flags):
     host = _destination(sockaddr)
     if not (flags & socket.NI_NUMERICHOST or _is_loopback(host)):
-        _refuse(f"reverse DNS lookup of {host!r}")
+        _refuse(f"reverse DNS lookup of {host!r}", _host_port(host, sockaddr[1] if len(sockaddr) > 1 else None))
     return _original["getnameinfo"](sockaddr, flags)
 
 
@@ -250,3 +259,22 @@ def egress_guard(allowed_hosts: set[str] | None = None):
     finally:
         if not already:
             uninstall()
+
+
+REPORTED_DESTINATIONS = 10  # a run record names the first ten; the count covers every one
+
+
+def refusals_mark() -> tuple[GuardState, int] | None:
+    """Where the guard's count stands now (None: no guard active): a run reports what was refused after it."""
+    return None if _state is None else (_state, len(_state.destinations))
+
+
+def refusals_since(mark: tuple[GuardState, int] | None) -> dict:
+    """What the guard refused since `mark` (from refusals_mark): whether it was active throughout, how many
+    attempts, and the first destinations as host:port. Evidence for a run record, not a setting."""
+    if mark is None or _state is not mark[0]:  # not guarded, or the guard was removed (and maybe replaced) since
+        return {"active": False, "refused": 0, "refused_destinations": []}
+    with _state.lock:
+        destinations = _state.destinations[mark[1]:]
+    return {"active": True, "refused": len(destinations),
+            "refused_destinations": destinations[:REPORTED_DESTINATIONS]}

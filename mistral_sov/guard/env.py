@@ -27,3 +27,9 @@ def enforce_offline_env() -> None:
     # Library code never prints: HF progress bars and advisory logging stay off unless the user asks for them.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def offline_env_in_force() -> dict[str, str | None]:
+    """The offline variables as the process holds them now (None: unset): evidence that they were in force, read
+    back rather than copied from OFFLINE_ENV. TRANSFORMERS_VERBOSITY is the user's to choose, so it is reported too."""
+    return {key: os.environ.get(key) for key in (*OFFLINE_ENV, "TRANSFORMERS_VERBOSITY")}

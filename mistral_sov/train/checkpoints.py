@@ -51,9 +51,10 @@ def is_complete(checkpoint: Path) -> bool:
     from safetensors import SafetensorError, safe_open
 
     try:
-        listed = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-        if not isinstance(listed, dict) or not listed:  # "ok": a marker from before files were listed
-            listed = {}
+        marker = (checkpoint / COMPLETE_MARKER).read_text()
+        listed = json.loads(marker) if marker.strip() != "ok" else {}  # "ok": before files were listed
+        if not isinstance(listed, dict):
+            return False
         for name, size in listed.items():
             if (checkpoint / name).stat().st_size != size:
                 return False

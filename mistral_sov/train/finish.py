@@ -19,6 +19,7 @@ def seal_adapter(record: RunRecord, recipe: Recipe, target: Target, sign_key: st
                  on_event: EventSink) -> RunRecord:
     """Write the provenance into adapter/, then sign the folder (adapter.sig beside it) or, unsigned, describe it.
     Returns the record with the adapter's digest (and the signature) filled in."""
+    from ..export.bom import write_bom
     from ..trust.hashing import folder_digest
     from ..trust.oms import sign_folder
     from ..trust.provenance import write_provenance
@@ -26,6 +27,7 @@ def seal_adapter(record: RunRecord, recipe: Recipe, target: Target, sign_key: st
     adapter = target.work_dir / "adapter"
     on_event("stage", {"text": "writing provenance" + (" and signing" if sign_key else "")})
     write_provenance(adapter, record, recipe.model_dump(mode="json"))  # reads no digest or signature: none yet
+    write_bom(adapter)  # after the provenance it is made from, before the signature that covers it
     if not sign_key:
         return record.model_copy(update={"adapter_digest": folder_digest(adapter)})
     signed = sign_folder(adapter, sign_key, sig_path=target.work_dir / "adapter.sig")

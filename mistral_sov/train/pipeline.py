@@ -18,8 +18,8 @@ from .. import __version__
 from ..events import EventSink, no_events
 from ..guard.env import enforce_offline_env
 from ..recipe import Recipe
-from ..record import (BaseModelRef, DataRefs, EvalRefs, EvalResult, Parameters, RankResult, RunRecord, Sample,
-                      TokenRefs, TrainResult)
+from ..record import (BaseModelRef, ComputeRecord, Controls, DataRefs, EgressControl, EvalRefs, EvalResult,
+                      Parameters, RankResult, RunRecord, Sample, ScanControl, TokenRefs, TrainResult)
 from .engine import Engine, quiet_deepspeed_on_cpu
 from .finish import draw_loss_plot, publish, seal_adapter
 from .ranks import all_ranks_agree
@@ -39,6 +39,8 @@ class PreparedData:
     train: object = None  # data.TokenizedData
     eval: object = None
     scan: dict = field(default_factory=dict)  # personal-data / secrets counts (never the findings)
+    # what was done about the findings: finetune warns and trains on the data as given (no --fail-on, no redaction)
+    scan_policy: dict = field(default_factory=lambda: {"action": "warn", "fail_on": [], "redact": False})
 
 
 def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weights: bool = True) -> PreparedData:
@@ -113,7 +115,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
              sign_key: str | None = None) -> RunRecord | RankResult:
     """Train and publish one run. Rank 0 returns the run's record, having held the run's lock from the first check
     to the publish; every other rank returns what it trained (rank 0 alone writes)."""
+    from ..guard.egress import refusals_mark
+
     started_at, clock = _now(), time.monotonic()
+    egress = refusals_mark()  # the run's record reports what the guard refused from here on
     quiet_deepspeed_on_cpu()
     engine = Engine.from_environment()
     sign_key = sign_key or recipe.output.sign_key  # the --sign-key flag wins over the recipe
@@ -145,7 +150,7 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
         adapter.save(loaded.model, target.work_dir / "adapter")
         # 8. the run's record, then provenance and signature over adapter/, and loss.png
         record = describe_run(recipe, target, prepared, base_files, loaded, adapter.sha256, trained,
-                              engine, before, after, sample, started_at=started_at, clock=clock)
+                              engine, before, after, sample, started_at=started_at, clock=clock, egress=egress)
         record = seal_adapter(record, recipe, target, sign_key, on_event)
         record = draw_loss_plot(record, trained.metrics, target, on_event)
         # 9. run.json, the atomic rename of OUT.partial/ to OUT/, checkpoints removed
@@ -233,7 +238,8 @@ def measure(model, prepared: PreparedData, recipe: Recipe, sample: dict | None, 
 
 def describe_run(recipe: Recipe, target: Target, prepared: PreparedData, base_files: dict[str, str],
                  loaded: LoadedModel, trainable_sha256: str, trained: Trained, engine: Engine, before: Measured,
-                 after: Measured, sample: dict | None, *, started_at: str, clock: float) -> RunRecord:
+                 after: Measured, sample: dict | None, *, started_at: str, clock: float,
+                 egress: object = None) -> RunRecord:
     """The record of the run as trained. Its adapter digest (and signature) come once the adapter folder is final
     (finish.seal_adapter): until then the digest is empty."""
     from .checkpoints import checkpoint_step
@@ -255,7 +261,54 @@ def describe_run(recipe: Recipe, target: Target, prepared: PreparedData, base_fi
         eval=EvalRefs(before=before.eval, after=after.eval),
         sample=Sample(**sample, before=before.reply, after=after.reply) if sample else None,
         versions=environment_versions(), started_at=started_at, finished_at=_now(),
-        wall_time_s=round(time.monotonic() - clock, 2), adapter_digest="")
+        wall_time_s=round(time.monotonic() - clock, 2), adapter_digest="",
+        compute=measure_compute(recipe, prepared, loaded, trained),
+        controls=controls_that_ran(recipe, prepared, egress))
+
+
+def measure_compute(recipe: Recipe, prepared: PreparedData, loaded: LoadedModel, trained: Trained) -> ComputeRecord:
+    """Model FLOPs spent on the tokens the Trainer processed (all ranks, every step, a resumed run's earlier
+    steps too), counted as model/compute.py states; the split into supervised tokens and attention pairs is the
+    training data's, scaled to the tokens processed (the Trainer counts tokens only)."""
+    from ..model.compute import (FORMULA, FORMULA_WITHOUT_SHAPE, THRESHOLD, ModelShape, training_flops,
+                                 training_flops_without_shape)
+
+    tokens, stats = int(trained.tokens_seen or 0), prepared.train.stats
+    supervised = round(tokens * stats.supervised_tokens / max(stats.tokens, 1))
+    pairs = round(tokens * _causal_pairs(prepared.train.dataset) / max(stats.tokens, 1))
+    shape = ModelShape.from_config(prepared.folder.config)
+    if shape is None:
+        flops = training_flops_without_shape(total=loaded.total, trainable=loaded.trainable, tokens=tokens)
+    else:
+        flops = training_flops(shape, trainable=loaded.trainable, tokens=tokens, supervised=supervised,
+                               attention_pairs=pairs)
+    base = recipe.model.base_training_flops
+    ratio = flops / base if base else None
+    return ComputeRecord(
+        flops=flops, tokens_processed=tokens, supervised_tokens=supervised, attention_pairs=pairs,
+        total_parameters=loaded.total, trainable_parameters=loaded.trainable,
+        frozen_matmul_parameters=shape.frozen_matmul if shape else None,
+        lm_head_parameters=shape.lm_head if shape else None, attention_width=shape.attention_width if shape else None,
+        formula=FORMULA if shape else FORMULA_WITHOUT_SHAPE, base_training_flops=base, ratio=ratio,
+        threshold=THRESHOLD, above_threshold=ratio > THRESHOLD if ratio is not None else None)
+
+
+def _causal_pairs(dataset) -> int:
+    """Σ L·(L+1)/2 over the dataset's rows: the query-key pairs causal attention computes within each row."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy().astype("int64")
+    return int((lengths * (lengths + 1) // 2).sum())
+
+
+def controls_that_ran(recipe: Recipe, prepared: PreparedData, egress: object) -> Controls:
+    """What the run's controls did, read back from them: the guard's refusals since the run began, the offline
+    variables as the process holds them, the scan policy applied and its counts, the seed."""
+    from ..guard.egress import refusals_since
+    from ..guard.env import offline_env_in_force
+
+    return Controls(egress_guard=EgressControl(**refusals_since(egress)), offline_env=offline_env_in_force(),
+                    scan=ScanControl(**prepared.scan_policy, **prepared.scan), seed=recipe.train.seed)
 
 
 def _data_summary(prepared: PreparedData) -> dict:

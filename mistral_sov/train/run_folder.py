@@ -21,9 +21,10 @@ from ..recipe import Recipe
 from ..trust.hashing import write_atomic
 
 # What may change on --resume: the run's length, who signs it (the signing key changes who vouches for the adapter,
-# not the adapter) and what is logged; nothing that changes the weights.
+# not the adapter), what is logged, and what the user states about the base (its pre-training compute, a fact for the
+# dossier); nothing that changes the weights.
 RESUMABLE_FIELDS = {("train", "epochs"), ("train", "max_steps"), ("output", "sign_key"), ("train", "tensorboard"),
-                    ("train", "logging_steps"), ("train", "eval_steps")}
+                    ("train", "logging_steps"), ("train", "eval_steps"), ("model", "base_training_flops")}
 
 
 @dataclass(frozen=True)

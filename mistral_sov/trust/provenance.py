@@ -3,8 +3,9 @@ folder (`msov/provenance.json`) so that the folder's one signature covers it.
 
 The subject is the weight files with their sha256; the predicate records the base model files and data files
 with their digests (resolvedDependencies), the resolved recipe and its digest and the seed (externalParameters),
-the library versions (builder.version), the machine (internalParameters), start and finish times (metadata) and
-the final metrics (byproducts). It is built from the run's record (record.RunRecord, what run.json holds).
+the library versions (builder.version), the machine (internalParameters), start and finish times (metadata), the
+final metrics, the training compute and the controls that ran (byproducts: metrics, compute, controls). It is built
+from the run's record (record.RunRecord, what run.json holds).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def build_statement(record: RunRecord | None, recipe: dict | None, weight_digest
                     "train": _json(record.train) if record else None,
                     "eval": _json(record.eval) if record else None,
                     "tokens": _json(record.tokens) if record else None,
-                    "parameters": _json(record.parameters) if record else None}}],
+                    "parameters": _json(record.parameters) if record else None}},
+                    *_evidence(record)],
             },
         },
     }
@@ -94,6 +96,14 @@ def _json(part: BaseModel) -> dict:
     """A part of the record as run.json holds it (every field, defaults included): the statement's bytes then do
     not depend on how the record was built."""
     return part.model_dump(mode="json", by_alias=True)
+
+
+def _evidence(record: RunRecord | None) -> list[dict]:
+    """The compute spent and the controls that ran, as byproducts; absent for a record that predates them."""
+    if record is None:
+        return []
+    return [{"name": name, "annotations": _json(part)}
+            for name, part in (("compute", record.compute), ("controls", record.controls)) if part is not None]
 
 
 def write_statement(folder: Path, statement: dict) -> Path:
@@ -152,7 +162,8 @@ def explain(doc: dict) -> dict:
     external, internal = build.get("externalParameters") or {}, build.get("internalParameters") or {}
     deps = build.get("resolvedDependencies") or []
     role = lambda d: (d.get("annotations") or {}).get("role")  # noqa: E731 - a one-line lookup
-    metrics = next((b.get("annotations") for b in run.get("byproducts") or [] if b.get("name") == "metrics"), {})
+    byproducts = {b.get("name"): b.get("annotations") for b in run.get("byproducts") or [] if isinstance(b, dict)}
+    metrics = byproducts.get("metrics")
     return {
         "weights": [{"name": s.get("name"), "sha256": (s.get("digest") or {}).get("sha256")}
                     for s in doc.get("subject") or []],
@@ -170,6 +181,8 @@ def explain(doc: dict) -> dict:
         "started": (run.get("metadata") or {}).get("startedOn"),
         "finished": (run.get("metadata") or {}).get("finishedOn"),
         "metrics": metrics or {},
+        "compute": byproducts.get("compute"),  # None in provenance written before they were recorded
+        "controls": byproducts.get("controls"),
         "export": external.get("export"),
     }
 
