@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/msov demo
 
+# Two workers on CI's two cores, one test file each at a time (a file's module fixtures are built once); more on a
+# bigger machine, capped: every worker trains tiny models with torch's own threads.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/throughput.py
