@@ -405,3 +405,14 @@ def test_cli_keygen_in_the_token_then_a_run_signed_by_it_verifies(hsm, tiny_mode
                                                                  "dir": str(tmp_path / "run3")}}, "r3.yaml"),
                  "--json")
     assert leaked.exit_code == 3 and "pin-value" in json.loads(leaked.stdout)["error"] and PIN not in leaked.stdout
+
+
+def test_a_pin_on_the_command_line_works_but_is_warned_about(hsm, keys, cli, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\x01" * 64)
+    uri = hsm["uri"]("signer-P-256", **{"pin-source": None, "pin-value": PIN})
+    signed = cli("sign", folder, "--key", uri, "--json")
+    assert signed.exit_code == 0, signed.output
+    assert "visible to other users" in signed.stderr and PIN not in signed.stdout + signed.stderr
+    assert json.loads(signed.stdout)["key_hint"] == keys["P-256"]["key_hint"]

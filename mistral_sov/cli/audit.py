@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from . import show
-from .base import JsonOpt, command, emit, events, manifest_app
+from .base import JsonOpt, command, emit, events, manifest_app, warn_if_pin_in_argv
 
 
 @command()
@@ -78,6 +78,7 @@ def sign(
 
     if chain and cert is None:
         raise UsageError("--chain: intermediate certificates go with a signing certificate; pass --cert too.")
+    warn_if_pin_in_argv(key)
     if out is not None:
         check_signature_target(out, folder, Path(key))
     # the key (passphrase, PIN) is reached and a certificate checked against it, its chain linked, before hashing
@@ -150,6 +151,7 @@ def approve(
     from ..trust.approvals import approve as approve_folder
     from ..trust.signer import open_signer
 
+    warn_if_pin_in_argv(key)
     signer = open_signer(key, cert=cert, chain=tuple(chain))
     emit(approve_folder(folder, signer, signed_by=signed_by, ca=tuple(ca), sig_path=sig), show.print_approved)
 

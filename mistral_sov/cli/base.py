@@ -99,6 +99,15 @@ def stage_printer() -> Callable[[str, dict], None]:
     return on_event
 
 
+def warn_if_pin_in_argv(key) -> None:
+    """A PIN given as pin-value in a --key URI sits in argv, which every user of the machine can read (ps) and the
+    shell keeps in its history: it still works, but the user is told, on stderr (a --json stdout stays one
+    document)."""
+    if key is not None and str(key)[:7].lower() == "pkcs11:" and "pin-value=" in str(key).lower():
+        console().print("[yellow]warning:[/] a PIN on the command line (pin-value) is visible to other users and "
+                        "kept in shell history; use pin-source=file:PATH or $MSOV_PKCS11_PIN")
+
+
 def events(as_json: bool) -> Callable[[str, dict], None]:
     """Under --json stderr stays free of progress; otherwise the stages are shown."""
     from ..events import no_events

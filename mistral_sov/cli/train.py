@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 
 from . import show
-from .base import JsonOpt, RecipeArg, SetOpt, command, console, emit, events, stage_printer
+from .base import JsonOpt, RecipeArg, SetOpt, command, console, emit, events, stage_printer, warn_if_pin_in_argv
 
 if TYPE_CHECKING:
     from ..record import RunRecord
@@ -23,8 +23,9 @@ def finetune(
     dry_run: bool = typer.Option(False, "--dry-run", help="validate recipe, model and data; train nothing"),
     resume: bool = typer.Option(False, "--resume", help="continue the unfinished run from its latest checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run at output.dir"),
-    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="sign the adapter with this private key "
-                                            "(overrides output.sign_key; passphrase from $MSOV_KEY_PASSPHRASE)"),
+    sign_key: Optional[str] = typer.Option(None, "--sign-key", help="sign the adapter with this private key "
+                                           "(overrides output.sign_key; passphrase from $MSOV_KEY_PASSPHRASE), or "
+                                           "an HSM key: pkcs11:token=...;object=..."),
     base_training_flops: Optional[str] = typer.Option(None, "--base-training-flops", metavar="FLOPS",
                                                       help="the base model's pre-training compute, e.g. 2.5e24 "
                                                       "(overrides model.base_training_flops): the run records its "
@@ -45,9 +46,10 @@ def finetune(
         report = run_dry(loaded, on_event=events(as_json))
         emit(report, lambda screen, r: show.print_dry_run(screen, r, loaded))
         return
+    warn_if_pin_in_argv(sign_key)
     try:
         result = _run_with_progress(loaded, resume=resume, overwrite=overwrite, quiet=as_json,
-                                    sign_key=str(sign_key) if sign_key else None)
+                                    sign_key=sign_key or None)
     except Interrupted as exc:
         sets = "".join(f" --set {o}" for o in overrides or [])
         exc.hint = f"continue with: msov finetune {recipe}{sets} --resume"
