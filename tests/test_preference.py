@@ -97,3 +97,186 @@ def test_preference_loss_refuses_unknown_losses_and_ipo_without_lengths():
     assert preference_loss(x, x, x, x, beta=0.1).loss.item() == pytest.approx(0.693147, abs=1e-6)
     assert preference_loss(x, x, x, x, beta=0.1, loss_type="ipo", chosen_tokens=x + 3,
                            rejected_tokens=x + 2).loss.item() == pytest.approx(25.0)
+
+
+# ---- preference data: rows to token pairs ------------------------------------------------------------------------
+
+CHOSEN_END, REJECTED_END = " I have opened a ticket for you.", " Please call the helpdesk again."  # 8 tokens each
+
+
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """Prompts and greetings from the helpdesk samples (the tiny tokenizer's own words); the chosen answer always
+    ends with one sentence, the rejected one with another of as many tokens, the greetings drawn alike."""
+    import random
+
+    from conftest import SAMPLES
+
+    rng = random.Random(seed)
+    chats = [json.loads(line)["messages"] for line in (SAMPLES / "helpdesk_chat.jsonl").read_text().splitlines()]
+    users = [m["content"] for chat in chats for m in chat if m["role"] == "user"]
+    # Answers open with a greeting ("Hi Ada."): short and alike, so that what is learned about the endings is not
+    # drowned in the log-probabilities of unrelated answers (the model's own preference is measured too).
+    answers = sorted({m["content"].split(". ")[0] + "." for chat in chats for m in chat
+                      if m["role"] == "assistant" and m["content"].startswith("Hi ")})
+    rows = []
+    for _ in range(n):
+        first, second = rng.sample(answers, 2)
+        rows.append({"prompt": rng.choice(users), "chosen": first + CHOSEN_END, "rejected": second + REJECTED_END})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_text_and_chat_pairs_tokenise_alike_with_the_answers_alone_supervised(tokenizer):
+    from mistral_sov.data import tokenize_records
+
+    text = {"prompt": "My laptop will not start.", "chosen": "Hold the power button.", "rejected": "Buy a new one."}
+    chat = {"messages": [{"role": "user", "content": text["prompt"]}],
+            "chosen": [{"role": "assistant", "content": text["chosen"]}],
+            "rejected": [{"role": "assistant", "content": text["rejected"]}]}
+    data = tokenize_records([text, chat], tokenizer, max_seq_len=128, preference=True)
+    first, second = data.dataset[0], data.dataset[1]
+    assert first == second  # a text prompt is the user's turn: the same chat-template path
+    for side, answer in (("chosen", text["chosen"]), ("rejected", text["rejected"])):
+        ids, labels = first[f"{side}_input_ids"], first[f"{side}_labels"]
+        learned = [i for i, label in zip(ids, labels) if label != -100]
+        assert answer in tokenizer.decode(learned) and text["prompt"] not in tokenizer.decode(learned)
+        assert labels[:len(labels) - len(learned)] == [-100] * (len(labels) - len(learned))  # prompt masked
+    # the prompt tokens are shared: the pair differs from where the answers begin
+    assert first["chosen_input_ids"][:5] == first["rejected_input_ids"][:5]
+    assert data.stats.rows_out == 2 and data.stats.tokens == sum(len(first[k]) * 2 for k in
+                                                                 ("chosen_input_ids", "rejected_input_ids"))
+
+
+def test_malformed_preference_rows_are_named_by_file_line_and_field(tmp_path):
+    from mistral_sov.data import load_data_file
+    from mistral_sov.errors import DataError
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."},
+        {"prompt": "Hi", "chosen": "Hello.", "rejected": ""},
+        {"prompt": "Hi", "chosen": [{"role": "user", "content": "x"}], "rejected": "No."}])
+    with pytest.raises(DataError) as error:
+        load_data_file(path, sft=False)
+    message = str(error.value)
+    assert f"{path}:2: rejected:" in message
+    assert f"{path}:3: prompt: expected a list of messages" in message
+
+
+def test_dpo_recipe_refuses_sft_data_and_sft_refuses_pairs(tiny_model, tmp_path, write_recipe):
+    from conftest import small_recipe
+
+    from mistral_sov.errors import DataError
+    from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import prepare_inputs
+
+    with pytest.raises(DataError, match="train.method: dpo learns from preference pairs"):
+        prepare_inputs(load_recipe(write_recipe(small_recipe(tiny_model, tmp_path / "out", method="dpo"))))
+    data = small_recipe(tiny_model, tmp_path / "out")
+    data["data"] = {"train": str(write_jsonl(tmp_path / "p.jsonl", preference_rows(4, 0)))}
+    with pytest.raises(DataError, match="not an SFT format"):
+        prepare_inputs(load_recipe(write_recipe(data)))
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def live_parameter_count() -> int:
+    """Every distinct parameter tensor alive in this process: a second copy of the model would double it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    seen = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Parameter) and obj.device.type != "meta":
+            seen[(obj.untyped_storage().data_ptr(), obj.storage_offset())] = obj.numel()
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model, tmp_path_factory):
+    import yaml
+    from conftest import small_recipe
+
+    from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
+
+    root = tmp_path_factory.mktemp("dpo")
+    data = small_recipe(tiny_model, root / "out", epochs=3, method="dpo", beta=0.1)
+    data["data"] = {"train": str(write_jsonl(root / "train.jsonl", preference_rows(64, 1))),
+                    "eval": str(write_jsonl(root / "eval.jsonl", preference_rows(32, 2)))}
+    (root / "r.yaml").write_text(yaml.safe_dump(data))
+    counts = [live_parameter_count()]  # other tests' models, still alive in this process
+
+    def on_event(kind, payload):
+        if kind == "step" and len(counts) == 1:
+            counts.append(live_parameter_count())
+
+    record = finetune(load_recipe(root / "r.yaml"), on_event=on_event)
+    return record, root, counts[1] - counts[0]
+
+
+def own_preference(model_dir: Path, adapter: Path | None, rows_file: Path, tokenizer) -> float:
+    """The share of pairs whose chosen answer the model itself finds likelier (summed answer log-probs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mistral_sov.data import iter_records, tokenize_records
+    from mistral_sov.train.preference import PairCollator, sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    data = tokenize_records((r for _, r in iter_records(rows_file, "preference")), tokenizer, max_seq_len=192,
+                            preference=True).dataset
+    with torch.no_grad():
+        logps, _ = sequence_logps(model, PairCollator(tokenizer.pad_token_id)([data[i] for i in range(len(data))]))
+    chosen, rejected = logps.chunk(2)
+    return (chosen > rejected).float().mean().item()
+
+
+def test_dpo_learns_the_preferred_pattern_on_held_out_pairs(dpo_run, tiny_model, tokenizer):
+    record, root, _ = dpo_run
+    before, after = record.eval.before, record.eval.after
+    # step 0: the policy is the reference (a fresh LoRA adds nothing), so every reward is exactly 0
+    assert before.reward_margin == 0.0 and before.reward_accuracy == 0.0
+    assert before.loss == pytest.approx(0.693147, abs=1e-6)  # log 2
+    assert after.reward_accuracy > 0.9 and after.reward_margin > 1.0 and after.loss < 0.3, after
+    # the model's own preference on held-out pairs: a coin toss before, the chosen answers after
+    eval_file = root / "eval.jsonl"
+    start = own_preference(tiny_model, None, eval_file, tokenizer)
+    end = own_preference(tiny_model, root / "out" / "adapter", eval_file, tokenizer)
+    print(f"held-out: reward accuracy {before.reward_accuracy} -> {after.reward_accuracy}, margin "
+          f"{before.reward_margin} -> {after.reward_margin:.3f}, own preference {start:.3f} -> {end:.3f}")
+    assert 0.25 <= start <= 0.75 and end > 0.9, (start, end)
+
+
+def test_dpo_metrics_and_record_name_the_method(dpo_run):
+    import yaml
+
+    record, root, _ = dpo_run
+    lines = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    assert steps[0]["rewards/margins"] == 0.0 and steps[0]["rewards/accuracies"] == 0.0
+    assert steps[-1]["rewards/accuracies"] > 0.9 and steps[-1]["rewards/margins"] > steps[0]["rewards/margins"]
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(steps[-1])
+    recipe = yaml.safe_load((root / "out" / "recipe.yaml").read_text())
+    assert recipe["train"]["method"] == "dpo" and recipe["train"]["beta"] == 0.1
+    assert record.data.train[0].format == "preference"
+    assert record.eval.after.perplexity is None  # a DPO loss is no language-modelling loss
+
+
+def test_the_reference_is_no_second_model(dpo_run):
+    """During training, the parameters alive in the process are the run's model once (base plus LoRA), not
+    twice: the reference is the same weights with the adapter off."""
+    record, _, live = dpo_run
+    assert live == record.parameters.total, (live, record.parameters.total)

@@ -79,7 +79,7 @@ def sequence_logps(model, batch: dict):
     import torch
     import torch.nn.functional as F
 
-    from .trainer import supervised_logits
+    from .logits import supervised_logits
 
     labels = batch["labels"]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
@@ -157,7 +157,8 @@ def preference_trainer_class(base, settings):
             result = preference_loss(pc, pr, rc, rr, beta=settings.beta, loss_type=settings.loss_type,
                                      label_smoothing=settings.label_smoothing, chosen_tokens=nc, rejected_tokens=nr)
             self._remember("train" if model.training else "eval", result, pc, pr)
-            return (result.loss, None) if return_outputs else result.loss
+            # No logits to hand on (prediction_loss_only): an empty dict is what the Trainer's evaluation expects.
+            return (result.loss, {}) if return_outputs else result.loss
 
         def _remember(self, mode: str, result: PreferenceLoss, pc, pr) -> None:
             gather = self.accelerator.gather_for_metrics
