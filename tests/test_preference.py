@@ -280,3 +280,18 @@ def test_the_reference_is_no_second_model(dpo_run):
     twice: the reference is the same weights with the adapter off."""
     record, _, live = dpo_run
     assert live == record.parameters.total, (live, record.parameters.total)
+
+
+def test_loss_plot_shows_the_rewards(dpo_run):
+    from mistral_sov.train.loss_plot import loss_figure, loss_series
+
+    record, root, _ = dpo_run
+    lines = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    series = loss_series(lines, record.eval.before.loss, record.eval.after.loss, record.train.steps)
+    figure = loss_figure(series)
+    loss_axis, _lr, margin_axis, accuracy_axis = figure.axes
+    assert loss_axis.get_ylabel().startswith("DPO loss")
+    assert [list(zip(*line.get_data())) for line in margin_axis.lines] == [series["margins"]]
+    assert [list(zip(*line.get_data())) for line in accuracy_axis.lines] == [series["accuracy"]]
+    assert series["accuracy"][0] == (1, 0.0) and series["accuracy"][-1][1] > 0.9
+    assert (root / "out" / "loss.png").is_file()
