@@ -90,6 +90,8 @@ class TrainSection(_Strict):
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: the DPO loss (sigmoid) or IPO")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed "
                                    "mislabelled (conservative DPO)")
+    precompute_ref: bool = Field(False, description="dpo: compute the reference log-probabilities once per pair "
+                                 "before training (one forward pass per step instead of two)")
     epochs: float = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="when set, overrides epochs")
     lr: float = Field(2e-4, gt=0)

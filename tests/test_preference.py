@@ -325,3 +325,45 @@ def test_dpo_resumed_after_a_crash_gives_the_uninterrupted_adapter(tiny_model, t
     assert resumed.train.resumed_from_step == 4 and resumed.train.steps == 8
     assert resumed.parameters.trainable_sha256 == whole.parameters.trainable_sha256
     assert resumed.train.final_loss == whole.train.final_loss
+
+
+def test_precomputed_reference_trains_as_the_live_one(tiny_model, tmp_path, write_recipe):
+    """train.precompute_ref: the reference log-probs computed once before training are those the live reference
+    pass gives (up to float rounding of other batch shapes), so the run learns the same."""
+    from conftest import small_recipe
+
+    from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
+
+    train = write_jsonl(tmp_path / "train.jsonl", preference_rows(32, 4))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", preference_rows(16, 5))
+    records = {}
+    for precompute in (False, True):
+        data = small_recipe(tiny_model, tmp_path / f"out-{precompute}", max_steps=6, method="dpo",
+                            precompute_ref=precompute, logging_steps=1)
+        data["data"] = {"train": str(train), "eval": str(held_out)}
+        records[precompute] = finetune(load_recipe(write_recipe(data, f"{precompute}.yaml")))
+    live, precomputed = records[False], records[True]
+    assert precomputed.train.first_loss == pytest.approx(0.693147, abs=1e-6)  # rewards 0 at step 0 here too
+    assert precomputed.train.final_loss == pytest.approx(live.train.final_loss, rel=1e-3, abs=1e-5)
+    assert precomputed.eval.after.reward_margin == pytest.approx(live.eval.after.reward_margin, rel=1e-3)
+    assert precomputed.eval.after.reward_accuracy == live.eval.after.reward_accuracy
+
+
+def test_precomputed_reference_columns_are_the_adapter_off_log_probs(trl_model):
+    import torch
+    from datasets import Dataset
+
+    from mistral_sov.train.preference import PairCollator, pair_logps, with_reference_logps
+
+    record = json.loads((TRL / "trl_dpo.json").read_text())
+    rows = msov_rows(record["rows"])
+    with_ref = with_reference_logps(trl_model, Dataset.from_list(rows), pad_token_id=3, batch_size=2)
+    batch = PairCollator(pad_token_id=3)([with_ref[i] for i in range(len(with_ref))])
+    live = PairCollator(pad_token_id=3)(rows)
+    with torch.no_grad():
+        _, _, rc, rr, _, _ = pair_logps(trl_model, batch)  # read from the batch: no reference pass
+        _, _, live_rc, live_rr, _, _ = pair_logps(trl_model, live)
+    assert torch.equal(batch["reference_logps"], torch.cat([rc, rr]))
+    assert torch.allclose(rc, live_rc, atol=1e-5) and torch.allclose(rr, live_rr, atol=1e-5)
+    assert trl_model.training is False  # left as it was found

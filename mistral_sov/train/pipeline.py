@@ -156,9 +156,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
         before = measure(loaded.model, prepared, recipe, sample, engine, on_event)
         # 5. train, from the latest usable checkpoint when resuming
         earlier_metrics = ready_to_train(target, recipe, on_event) if engine.is_main else []
-        trained = train(loaded.model, prepared.tokenizer, prepared.train.dataset,
-                        prepared.eval.dataset if prepared.eval else None, recipe.train, target.work_dir, on_event,
-                        packing=effective_packing(recipe), resume_from=target.checkpoint, earlier_metrics=earlier_metrics)
+        train_rows, eval_rows = reference_ready(loaded.model, prepared, recipe, on_event)
+        trained = train(loaded.model, prepared.tokenizer, train_rows, eval_rows, recipe.train, target.work_dir,
+                        on_event, packing=effective_packing(recipe), resume_from=target.checkpoint,
+                        earlier_metrics=earlier_metrics)
         # 6. where we ended: the same measures, on every rank (under FSDP each forward pass gathers all shards)
         after = measure(loaded.model, prepared, recipe, sample, engine, on_event, trained=trained)
         # 7. the adapter, gathered whole by every rank; rank 0 alone saves and publishes it
@@ -231,6 +232,21 @@ def load_for_training(recipe: Recipe, prepared: PreparedData, engine: Engine, on
                       gradient_checkpointing=recipe.train.gradient_checkpointing, fsdp=engine.fsdp)
     model = engine.place(attach_lora(base, recipe.lora))
     return LoadedModel(model, *parameter_counts(model))
+
+
+def reference_ready(model, prepared: PreparedData, recipe: Recipe, on_event: EventSink) -> tuple:
+    """The train and eval datasets as training takes them: with train.precompute_ref, each pair carries its
+    reference log-probabilities, computed here once (before any weight changes, so with the adapter off they are
+    the base's)."""
+    train_rows, eval_rows = prepared.train.dataset, prepared.eval.dataset if prepared.eval else None
+    if recipe.train.method != "dpo" or not recipe.train.precompute_ref:
+        return train_rows, eval_rows
+    from .preference import with_reference_logps
+
+    on_event("stage", {"text": "computing the reference log-probabilities"})
+    settings = {"pad_token_id": prepared.tokenizer.pad_token_id, "batch_size": recipe.train.batch_size}
+    return (with_reference_logps(model, train_rows, **settings),
+            with_reference_logps(model, eval_rows, **settings) if eval_rows is not None else None)
 
 
 def measure(model, prepared: PreparedData, recipe: Recipe, sample: dict | None, engine: Engine,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 LOSS_TYPES = ("sigmoid", "ipo")
 IGNORE = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")  # what a collated batch hands the model; the rest is ours
 
 
 @dataclass
@@ -84,7 +85,7 @@ def sequence_logps(model, batch: dict):
     labels = batch["labels"]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     rows = (targets != IGNORE).nonzero()[:, 0]
-    outputs, kept = supervised_logits(model, batch)
+    outputs, kept = supervised_logits(model, {k: v for k, v in batch.items() if k in MODEL_INPUTS})
     logps = -F.cross_entropy(outputs.logits.float(), kept, reduction="none")
     sums = torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
     counts = torch.bincount(rows, minlength=labels.size(0)).to(logps.dtype)
@@ -137,6 +138,9 @@ class PairCollator:
             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
             "labels": torch.tensor([list(x) + [IGNORE] * (width - len(x)) for x in labels]),
         }
+        if "reference_chosen" in rows[0]:  # precomputed (train.precompute_ref): no reference pass in training
+            batch["reference_logps"] = torch.tensor([row["reference_chosen"] for row in rows]
+                                                    + [row["reference_rejected"] for row in rows])
         return batch
 
 
@@ -205,3 +209,28 @@ def preference_evaluation(model, dataset, *, pad_token_id: int, beta: float, los
     loss = torch.cat(losses).mean().item()
     return {"loss": loss, "reward_accuracy": torch.cat(accuracies).mean().item(),
             "reward_margin": torch.cat(margins).mean().item(), "tokens": tokens}
+
+
+def with_reference_logps(model, dataset, *, pad_token_id: int, batch_size: int = 8):
+    """The dataset with each pair's reference log-probabilities as two more columns (reference_chosen,
+    reference_rejected), computed once, in order, with the adapter off: training then runs one forward pass per
+    step instead of two. Computed again on resume (the reference is the base: the same numbers)."""
+    import torch
+
+    collate = PairCollator(pad_token_id)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collate([{k: v for k, v in row.items() if not k.startswith("reference_")}
+                                                       for row in rows]).items()}
+        with reference_model(model):
+            logps, _ = sequence_logps(model, batch)
+        first, second = logps.float().cpu().chunk(2)
+        chosen += first.tolist()
+        rejected += second.tolist()
+    if was_training:
+        model.train()
+    return dataset.add_column("reference_chosen", chosen).add_column("reference_rejected", rejected)
