@@ -340,7 +340,7 @@ def test_precomputed_reference_trains_as_the_live_one(tiny_model, tmp_path, writ
     records = {}
     for precompute in (False, True):
         data = small_recipe(tiny_model, tmp_path / f"out-{precompute}", max_steps=6, method="dpo",
-                            precompute_ref=precompute, logging_steps=1)
+                            precompute_ref=precompute, logging_steps=1, eval_steps=3)
         data["data"] = {"train": str(train), "eval": str(held_out)}
         records[precompute] = finetune(load_recipe(write_recipe(data, f"{precompute}.yaml")))
     live, precomputed = records[False], records[True]
@@ -348,6 +348,12 @@ def test_precomputed_reference_trains_as_the_live_one(tiny_model, tmp_path, writ
     assert precomputed.train.final_loss == pytest.approx(live.train.final_loss, rel=1e-3, abs=1e-5)
     assert precomputed.eval.after.reward_margin == pytest.approx(live.eval.after.reward_margin, rel=1e-3)
     assert precomputed.eval.after.reward_accuracy == live.eval.after.reward_accuracy
+    # the Trainer's own evaluation every eval_steps logs the held-out rewards too
+    lines = [json.loads(line) for line in (tmp_path / "out-True" / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval_loss" in line]
+    assert [line["step"] for line in evals] == [3, 6]
+    assert evals[-1]["eval_loss"] == pytest.approx(precomputed.eval.after.loss, abs=1e-5)
+    assert evals[-1]["eval_rewards/accuracies"] == precomputed.eval.after.reward_accuracy
 
 
 def test_precomputed_reference_columns_are_the_adapter_off_log_probs(trl_model):

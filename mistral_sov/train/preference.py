@@ -8,7 +8,7 @@ TRL by bench/record_trl_dpo.py):
 - a sequence's log-probability is the sum over its answer tokens (labels other than -100) of log p(token);
 - rewards are beta · (policy − reference) log-probabilities, for the chosen and the rejected answer;
 - sigmoid: −(1 − ε)·log σ(beta·Δ) − ε·log σ(−beta·Δ), Δ = chosen reward/beta − rejected reward/beta (conservative
-  DPO; ε = 0 is the original DPO loss);
+  DPO; ε = 0 is the original DPO loss; TRL 1.x's sigmoid ignores ε, its `aot` loss on a single pair is this form);
 - ipo: (Δ̄ − 1/(2·beta))², Δ̄ taken with each answer's log-ratio divided by its number of answer tokens, as TRL
   normalises it (the IPO authors' form);
 - the batch loss is the mean over pairs.
@@ -166,9 +166,10 @@ def preference_trainer_class(base, settings):
 
         def _remember(self, mode: str, result: PreferenceLoss, pc, pr) -> None:
             gather = self.accelerator.gather_for_metrics
-            for name, value in (("rewards/chosen", result.chosen_rewards), ("rewards/rejected", result.rejected_rewards),
-                                ("rewards/margins", result.margins), ("rewards/accuracies", result.accuracies),
-                                ("logps/chosen", pc.detach()), ("logps/rejected", pr.detach())):
+            for name, value in (("rewards/chosen", result.chosen_rewards),
+                                ("rewards/rejected", result.rejected_rewards), ("rewards/margins", result.margins),
+                                ("rewards/accuracies", result.accuracies), ("logps/chosen", pc.detach()),
+                                ("logps/rejected", pr.detach())):
                 self._pending[mode].setdefault(name, []).append(gather(value.float()).detach().cpu())
 
         def log(self, logs, *args, **kwargs):
