@@ -373,3 +373,21 @@ def test_precomputed_reference_columns_are_the_adapter_off_log_probs(trl_model):
     assert torch.equal(batch["reference_logps"], torch.cat([rc, rr]))
     assert torch.allclose(rc, live_rc, atol=1e-5) and torch.allclose(rr, live_rr, atol=1e-5)
     assert trl_model.training is False  # left as it was found
+
+
+def test_dpo_with_a_4bit_base(tiny_model, tmp_path, write_recipe):
+    """QLoRA: the frozen base loaded in nf4 (bitsandbytes' CPU backend); the reference is that quantized base with
+    the adapter off, so rewards start at exactly 0 there too, and the held-out pairs are learned."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import small_recipe
+
+    from mistral_sov.recipe import load_recipe
+    from mistral_sov.train.pipeline import finetune
+
+    data = small_recipe(tiny_model, tmp_path / "out", epochs=2, method="dpo")
+    data["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    data["data"] = {"train": str(write_jsonl(tmp_path / "train.jsonl", preference_rows(48, 6))),
+                    "eval": str(write_jsonl(tmp_path / "eval.jsonl", preference_rows(16, 7)))}
+    record = finetune(load_recipe(write_recipe(data)))
+    assert record.eval.before.reward_margin == 0.0 and record.eval.before.reward_accuracy == 0.0
+    assert record.eval.after.reward_accuracy > 0.9, record.eval.after
