@@ -432,3 +432,29 @@ def test_two_ranks_train_dpo_like_one_process(tiny_model, tmp_path):
     assert rank0["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-3, abs=1e-5)
     assert rank0["eval"]["after"]["reward_margin"] == pytest.approx(one["eval"]["after"]["reward_margin"], rel=1e-3)
     assert rank0["eval"]["before"]["reward_margin"] == 0.0
+
+
+def test_signed_dpo_run_names_its_method_and_pairs_and_reproduces(tiny_model, tmp_path, cli):
+    """The signed provenance holds the resolved recipe (train.method: dpo, beta) and the preference file by
+    digest; `msov reproduce` re-trains it to the same adapter bytes."""
+    import hashlib
+
+    import yaml
+    from conftest import small_recipe
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(24, 10))
+    recipe = small_recipe(tiny_model, tmp_path / "run", max_steps=4, method="dpo", beta=0.2)
+    recipe["data"] = {"train": [{"path": str(pairs), "format": "preference"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli("keygen", "--out", tmp_path / "keys" / "signer").exit_code == 0
+    trained = cli("finetune", tmp_path / "r.yaml", "--sign-key", tmp_path / "keys" / "signer.pem", "--json")
+    assert trained.exit_code == 0, trained.output
+    adapter = tmp_path / "run" / "adapter"
+    build = json.loads((adapter / "msov" / "provenance.json").read_text())["predicate"]["buildDefinition"]
+    train = build["externalParameters"]["recipe"]["train"]
+    assert (train["method"], train["beta"], train["loss_type"]) == ("dpo", 0.2, "sigmoid")
+    digests = {d["uri"]: d["digest"]["sha256"] for d in build["resolvedDependencies"] if "digest" in d}
+    assert digests[pairs.as_uri()] == hashlib.sha256(pairs.read_bytes()).hexdigest()
+    result = cli("reproduce", adapter, "--key", tmp_path / "keys" / "signer.pub", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] == "identical"
