@@ -44,7 +44,7 @@ class QuantizationSection(_Strict):
 
 class DataFile(_Strict):
     path: str
-    format: Literal["auto", "chat", "sharegpt", "instruction", "completion"] = "auto"
+    format: Literal["auto", "chat", "sharegpt", "instruction", "completion", "preference"] = "auto"
     split: Optional[str] = Field(None, description="which split of a `datasets` DatasetDict folder to read")
 
 
@@ -84,6 +84,14 @@ class LoraSection(_Strict):
 
 
 class TrainSection(_Strict):
+    method: Literal["sft", "dpo"] = Field("sft", description="sft: learn the answers; dpo: learn to prefer the "
+                                          "chosen answer of preference pairs over the rejected one (DPO)")
+    beta: float = Field(0.1, gt=0, description="dpo: how far the policy may move from the reference (the base)")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: the DPO loss (sigmoid) or IPO")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed "
+                                   "mislabelled (conservative DPO)")
+    precompute_ref: bool = Field(False, description="dpo: compute the reference log-probabilities once per pair "
+                                 "before training (one forward pass per step instead of two)")
     epochs: float = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="when set, overrides epochs")
     lr: float = Field(2e-4, gt=0)

@@ -92,8 +92,11 @@ class TrainResult(_Part):
 
 class EvalResult(_Part):
     loss: float
-    perplexity: float
+    perplexity: Optional[float] = None  # of a language-modelling loss; none for a preference (DPO) loss
     tokens: int
+    # preference tuning: the share of held-out pairs whose chosen answer earns more reward, the mean margin
+    reward_accuracy: Optional[float] = None
+    reward_margin: Optional[float] = None
 
 
 class EvalRefs(_Part):

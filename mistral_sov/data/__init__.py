@@ -6,7 +6,7 @@ the heavy libraries are imported inside the functions that need them.
 
 from .formats import FORMATS, detect_format
 from .loading import LoadedData, iter_records, load_data_file
-from .tokens import TokenizedData, TokenStats, render_prompt, tokenize_records
+from .tokens import TokenizedData, TokenStats, preference_conversations, render_prompt, tokenize_records
 
 __all__ = ["FORMATS", "LoadedData", "TokenStats", "TokenizedData", "detect_format", "iter_records", "load_data_file",
-           "render_prompt", "tokenize_records"]
+           "preference_conversations", "render_prompt", "tokenize_records"]

@@ -47,8 +47,12 @@ def render_prompt(messages: list[dict], tokenizer) -> str:
 
 
 def tokenize_records(records: Iterable[dict], tokenizer, *, max_seq_len: int, overlong: str = "truncate",
-                     train_on: str = "completion") -> TokenizedData:
-    """Encode records (a list, or a generator reading a file) one at a time into an Arrow file in a temporary
+                     train_on: str = "completion", preference: bool = False) -> TokenizedData:
+    """`preference`: the records are preference pairs (see `preference_conversations`), each encoded as two rows
+    with the loss on the answer only (`train_on` does not apply: a pair is compared on its answers), into the
+    columns chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels.
+
+    Encode records (a list, or a generator reading a file) one at a time into an Arrow file in a temporary
     folder (the system's temp folder, never the user's cache or a run folder); the dataset is memory-mapped from
     it and the folder is removed once the dataset is garbage-collected, or when the process exits. Only the rows'
     lengths stay in memory, for the statistics: memory does not grow with the data."""
@@ -72,9 +76,11 @@ def tokenize_records(records: Iterable[dict], tokenizer, *, max_seq_len: int, ov
     folder = tempfile.mkdtemp(prefix=f"{_TOKENS_PREFIX}{os.getpid()}-")
     try:
         path = os.path.join(folder, "tokens.arrow")
-        with ArrowWriter(features=_features(datasets), path=path, writer_batch_size=_BATCH) as writer:
-            stats = _encode_into(writer, itertools.chain([first], records), tokenizer, mistral,
-                                 max_seq_len=max_seq_len, overlong=overlong, train_on=train_on)
+        features = _pair_features(datasets) if preference else _features(datasets)
+        encode = _encode_pairs_into if preference else _encode_into
+        with ArrowWriter(features=features, path=path, writer_batch_size=_BATCH) as writer:
+            stats = encode(writer, itertools.chain([first], records), tokenizer, mistral,
+                           max_seq_len=max_seq_len, overlong=overlong, train_on=train_on)
         dataset = datasets.Dataset.from_file(path)  # memory-mapped, not read into memory
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -96,6 +102,76 @@ def _features(datasets):
     # As Dataset.from_list infers them: token ids as int32 (datasets' choice for input_ids), labels as int64.
     return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                               "labels": datasets.Sequence(datasets.Value("int64"))})
+
+
+def _pair_features(datasets):
+    ids, labels = datasets.Sequence(datasets.Value("int32")), datasets.Sequence(datasets.Value("int64"))
+    return datasets.Features({"chosen_input_ids": ids, "chosen_labels": labels,
+                              "rejected_input_ids": ids, "rejected_labels": labels})
+
+
+def preference_conversations(record: dict) -> tuple[dict, dict]:
+    """A preference record as two chat records that share their prompt: (prompt + chosen, prompt + rejected).
+    A text prompt is the user's message, so pairs go through the chat template exactly as SFT conversations do."""
+    if "messages" in record:
+        before = list(record["messages"])
+        return {"messages": before + record["chosen"]}, {"messages": before + record["rejected"]}
+    user = [{"role": "user", "content": record["prompt"]}]
+    return ({"messages": user + [{"role": "assistant", "content": record["chosen"]}]},
+            {"messages": user + [{"role": "assistant", "content": record["rejected"]}]})
+
+
+def _encode_pairs_into(writer, records: Iterator[dict], tokenizer, mistral, *, max_seq_len: int, overlong: str,
+                       train_on: str) -> TokenStats:
+    """As `_encode_into`, a pair at a time: a pair is kept or dropped whole (a pair without both answers compares
+    nothing); its statistics count both sequences."""
+    lengths = array("q")
+    batch: dict[str, list] = {"chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [],
+                              "rejected_labels": []}
+    rows_in = longest = truncated = dropped_overlong = dropped_unsupervised = supervised_tokens = pairs = 0
+    if mistral is None:
+        _require_chat_template(tokenizer)
+    for number, record in enumerate(records, 1):
+        rows_in = number
+        encoded = [_mistral_chat(mistral, chat, number) if mistral is not None
+                   else _chat(chat, tokenizer, "completion", number) for chat in preference_conversations(record)]
+        longest = max(longest, *(len(ids) for ids, _ in encoded))
+        if any(len(ids) > max_seq_len for ids, _ in encoded):
+            if overlong == "drop":
+                dropped_overlong += 1
+                continue
+            # The start is kept, as TRL's keep_start does: the prompt and the first answer tokens stay together.
+            encoded = [(ids[:max_seq_len], labels[:max_seq_len]) for ids, labels in encoded]
+            truncated += 1
+        learned = [sum(label != IGNORE for label in labels) for _, labels in encoded]
+        if not all(learned):
+            dropped_unsupervised += 1
+            continue
+        pairs += 1
+        supervised_tokens += sum(learned)
+        for side, (ids, labels) in zip(("chosen", "rejected"), encoded):
+            lengths.append(len(ids))
+            batch[f"{side}_input_ids"].append(list(ids))
+            batch[f"{side}_labels"].append(list(labels))
+        if len(batch["chosen_labels"]) == _BATCH:
+            writer.write_batch(batch)
+            batch = {key: [] for key in batch}
+    if not pairs:
+        raise DataError(
+            f"no preference pairs are left after tokenising {rows_in} records with max_seq_len={max_seq_len}: "
+            f"{dropped_overlong} dropped as longer than max_seq_len, {dropped_unsupervised} dropped because an "
+            f"answer lost every token ({truncated} truncated)",
+            hint=f"Raise train.max_seq_len (the longest sequence has {longest} tokens)"
+                 + (", or set data.overlong: truncate." if overlong == "drop" else "."))
+    if batch["chosen_labels"]:
+        writer.write_batch(batch)
+    writer.finalize()
+    import numpy as np
+
+    return TokenStats(rows_in=rows_in, rows_out=pairs, truncated=truncated, dropped_overlong=dropped_overlong,
+                      dropped_unsupervised=dropped_unsupervised, tokens=sum(lengths),
+                      supervised_tokens=supervised_tokens, min_len=min(lengths),
+                      median_len=float(np.median(np.frombuffer(lengths, dtype=np.int64))), max_len=max(lengths))
 
 
 def _encode_into(writer, records: Iterator[dict], tokenizer, mistral, *, max_seq_len: int, overlong: str,

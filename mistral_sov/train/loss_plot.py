@@ -25,15 +25,22 @@ def loss_series(records: list[dict], eval_before: float | None = None, eval_afte
         last = final_step if final_step is not None else max((s for s, _ in train + held_out), default=0)
         if not any(step == last for step, _ in held_out):  # the Trainer may already have evaluated there
             held_out.append((last, eval_after))
-    return {"train": sorted(train), "eval": sorted(held_out), "lr": sorted(lr)}
+    series = {"train": sorted(train), "eval": sorted(held_out), "lr": sorted(lr)}
+    # Preference tuning (DPO) logs its rewards: the mean margin (chosen minus rejected) and the share of pairs won.
+    for name, key in (("margins", "rewards/margins"), ("accuracy", "rewards/accuracies")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            series[name] = sorted(points)
+    return series
 
 
 def loss_figure(series: dict[str, list[tuple[int, float]]], title: str = ""):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
-    loss_axis = figure.add_subplot()
+    rewards = bool(series.get("margins") or series.get("accuracy"))
+    figure = Figure(figsize=(8, 7 if rewards else 4.5), dpi=100, layout="constrained")
+    loss_axis = figure.add_subplot(2, 1, 1) if rewards else figure.add_subplot()
     if series["train"]:
         steps, values = zip(*series["train"])
         loss_axis.plot(steps, values, color=TRAIN_COLOUR, marker="." if len(steps) < 40 else None,
@@ -43,7 +50,7 @@ def loss_figure(series: dict[str, list[tuple[int, float]]], title: str = ""):
         loss_axis.plot(steps, values, color=EVAL_COLOUR, marker="o", linestyle="--", label="held-out loss")
     loss_axis.set_xlabel("optimizer step")
     loss_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    loss_axis.set_ylabel("loss (cross-entropy per supervised token)")
+    loss_axis.set_ylabel("DPO loss (mean over pairs)" if rewards else "loss (cross-entropy per supervised token)")
     loss_axis.grid(alpha=0.3)
     handles, labels = loss_axis.get_legend_handles_labels()
     if series["lr"]:
@@ -57,7 +64,34 @@ def loss_figure(series: dict[str, list[tuple[int, float]]], title: str = ""):
     if handles:
         loss_axis.legend(handles, labels, loc="upper right")
     loss_axis.set_title(title or "loss")
+    if rewards:
+        _reward_axes(figure, series)
     return figure
+
+
+def _reward_axes(figure, series: dict) -> None:
+    """Below the loss: the training reward margin (left) and reward accuracy (right), as metrics.jsonl logs them."""
+    from matplotlib.ticker import MaxNLocator
+
+    margin_axis = figure.add_subplot(2, 1, 2)
+    margin_axis.set_xlabel("optimizer step")
+    margin_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    margin_axis.set_ylabel("reward margin (chosen - rejected)")
+    margin_axis.grid(alpha=0.3)
+    if series.get("margins"):
+        steps, values = zip(*series["margins"])
+        margin_axis.plot(steps, values, color=TRAIN_COLOUR, marker=".", label="train reward margin")
+    accuracy_axis = margin_axis.twinx()
+    accuracy_axis.set_ylim(-0.05, 1.05)
+    accuracy_axis.set_ylabel("reward accuracy (chosen > rejected)")
+    if series.get("accuracy"):
+        steps, values = zip(*series["accuracy"])
+        accuracy_axis.plot(steps, values, color=EVAL_COLOUR, marker=".", linewidth=1, label="train reward accuracy")
+    handles, labels = margin_axis.get_legend_handles_labels()
+    more_handles, more_labels = accuracy_axis.get_legend_handles_labels()
+    if handles or more_handles:
+        margin_axis.legend(handles + more_handles, labels + more_labels, loc="lower right")
+    margin_axis.set_title("rewards")
 
 
 def write_loss_plot(path: Path, records: list[dict], *, eval_before: float | None = None,

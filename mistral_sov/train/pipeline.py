@@ -46,7 +46,7 @@ class PreparedData:
 def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weights: bool = True) -> PreparedData:
     """Check the model folder, load and validate every data file, tokenise. Raises on the first bad input."""
     enforce_offline_env()
-    from ..data import iter_records, load_data_file, tokenize_records
+    from ..data import iter_records, tokenize_records
     from ..model.load import inspect_model_folder, load_tokenizer
 
     on_event("stage", {"text": "checking model folder"})
@@ -70,10 +70,8 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weig
     prepared = PreparedData(folder=folder, tokenizer=tokenizer)
     # Each file is checked row by row and nothing is kept; then read again, one record at a time, into the scan
     # and the tokeniser together: no list of every record (or of every encoded row) is ever held.
-    prepared.train_files = [load_data_file(f.path, f.format, split=f.split, keep_records=False)
-                            for f in recipe.data.train]
-    prepared.eval_files = [load_data_file(f.path, f.format, split=f.split, keep_records=False)
-                           for f in recipe.data.eval]
+    prepared.train_files = [_load_for(recipe, f) for f in recipe.data.train]
+    prepared.eval_files = [_load_for(recipe, f) for f in recipe.data.eval]
     from ..data.scan import ScanReport, scanned
 
     report = ScanReport()
@@ -82,13 +80,34 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weig
         records = (record for loaded in files for _, record in
                    scanned(report, str(loaded.path), iter_records(loaded.path, loaded.format, loaded.split)))
         return tokenize_records(records, tokenizer, max_seq_len=recipe.train.max_seq_len,
-                                overlong=recipe.data.overlong, train_on=recipe.data.train_on)
+                                overlong=recipe.data.overlong, train_on=recipe.data.train_on,
+                                preference=recipe.train.method == "dpo")
 
     on_event("stage", {"text": "scanning and tokenising"})
     prepared.train = tokenise(prepared.train_files)
     prepared.eval = tokenise(prepared.eval_files) if prepared.eval_files else None
     prepared.scan = _scan_summary(report, on_event)
     return prepared
+
+
+def _load_for(recipe: Recipe, data_file):
+    """A data file checked for the run's method: SFT formats for sft, preference pairs for dpo."""
+    from ..data import load_data_file
+    from ..errors import DataError
+
+    dpo = recipe.train.method == "dpo"
+    loaded = load_data_file(data_file.path, data_file.format, split=data_file.split, keep_records=False, sft=not dpo)
+    if dpo and loaded.format != "preference":
+        raise DataError(f"{loaded.path}: {loaded.format} format, but train.method: dpo learns from preference pairs",
+                        hint="Give a file of prompt + chosen + rejected rows (or messages + chosen + rejected "
+                             "assistant turns), or set train.method: sft.")
+    return loaded
+
+
+def effective_packing(recipe: Recipe) -> bool:
+    """Packing is for SFT only: a DPO batch must hold each pair's chosen and rejected rows side by side, each
+    row's log-probability summed on its own, and the reference pass over the very same rows."""
+    return recipe.data.packing and recipe.train.method == "sft"
 
 
 def dry_run(recipe: Recipe, on_event: EventSink = no_events) -> dict:
@@ -137,9 +156,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
         before = measure(loaded.model, prepared, recipe, sample, engine, on_event)
         # 5. train, from the latest usable checkpoint when resuming
         earlier_metrics = ready_to_train(target, recipe, on_event) if engine.is_main else []
-        trained = train(loaded.model, prepared.tokenizer, prepared.train.dataset,
-                        prepared.eval.dataset if prepared.eval else None, recipe.train, target.work_dir, on_event,
-                        packing=recipe.data.packing, resume_from=target.checkpoint, earlier_metrics=earlier_metrics)
+        train_rows, eval_rows = reference_ready(loaded.model, prepared, recipe, on_event)
+        trained = train(loaded.model, prepared.tokenizer, train_rows, eval_rows, recipe.train, target.work_dir,
+                        on_event, packing=effective_packing(recipe), resume_from=target.checkpoint,
+                        earlier_metrics=earlier_metrics)
         # 6. where we ended: the same measures, on every rank (under FSDP each forward pass gathers all shards)
         after = measure(loaded.model, prepared, recipe, sample, engine, on_event, trained=trained)
         # 7. the adapter, gathered whole by every rank; rank 0 alone saves and publishes it
@@ -214,6 +234,21 @@ def load_for_training(recipe: Recipe, prepared: PreparedData, engine: Engine, on
     return LoadedModel(model, *parameter_counts(model))
 
 
+def reference_ready(model, prepared: PreparedData, recipe: Recipe, on_event: EventSink) -> tuple:
+    """The train and eval datasets as training takes them: with train.precompute_ref, each pair carries its
+    reference log-probabilities, computed here once (before any weight changes, so with the adapter off they are
+    the base's)."""
+    train_rows, eval_rows = prepared.train.dataset, prepared.eval.dataset if prepared.eval else None
+    if recipe.train.method != "dpo" or not recipe.train.precompute_ref:
+        return train_rows, eval_rows
+    from .preference import with_reference_logps
+
+    on_event("stage", {"text": "computing the reference log-probabilities"})
+    settings = {"pad_token_id": prepared.tokenizer.pad_token_id, "batch_size": recipe.train.batch_size}
+    return (with_reference_logps(model, train_rows, **settings),
+            with_reference_logps(model, eval_rows, **settings) if eval_rows is not None else None)
+
+
 def measure(model, prepared: PreparedData, recipe: Recipe, sample: dict | None, engine: Engine,
             on_event: EventSink, *, trained: Trained | None = None) -> Measured:
     """Held-out loss and the sample's reply. Before training (no `trained` yet) rank 0's alone, for the report:
@@ -224,7 +259,15 @@ def measure(model, prepared: PreparedData, recipe: Recipe, sample: dict | None, 
     measured = Measured()
     if trained is None and not engine.is_main:
         return measured
-    if prepared.eval is not None:
+    if prepared.eval is not None and recipe.train.method == "dpo":
+        from .preference import preference_evaluation
+
+        on_event("stage", {"text": f"evaluating {'after' if trained else 'before'} training"})
+        settings = recipe.train
+        measured.eval = EvalResult(**preference_evaluation(
+            model, prepared.eval.dataset, pad_token_id=prepared.tokenizer.pad_token_id, beta=settings.beta,
+            loss_type=settings.loss_type, label_smoothing=settings.label_smoothing, batch_size=settings.batch_size))
+    elif prepared.eval is not None:
         on_event("stage", {"text": f"evaluating {'after' if trained else 'before'} training"})
         measured.eval = EvalResult(**evaluation_loss(model, prepared.eval.dataset, make_collator(prepared.tokenizer),
                                                      batch_size=recipe.train.batch_size))
@@ -297,8 +340,12 @@ def _causal_pairs(dataset) -> int:
     """Σ L·(L+1)/2 over the dataset's rows: the query-key pairs causal attention computes within each row."""
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy().astype("int64")
-    return int((lengths * (lengths + 1) // 2).sum())
+    total = 0
+    for column in dataset.column_names:  # input_ids; chosen_input_ids and rejected_input_ids for preference pairs
+        if column.endswith("input_ids"):
+            lengths = pc.list_value_length(dataset.data.column(column)).to_numpy().astype("int64")
+            total += int((lengths * (lengths + 1) // 2).sum())
+    return total
 
 
 def controls_that_ran(recipe: Recipe, prepared: PreparedData, egress: object) -> Controls:
@@ -337,6 +384,10 @@ def sample_conversation(files) -> dict | None:
             continue
         records = loaded.records or (record for _, record in iter_records(loaded.path, loaded.format, loaded.split))
         for record in records:
+            if "chosen" in record:  # a preference pair: its prompt, and the chosen answer as the reference
+                from ..data import preference_conversations
+
+                record = preference_conversations(record)[0]
             messages = record.get("messages")
             if messages and messages[-1]["role"] == "assistant":
                 return {"prompt": messages[:-1], "reference": messages[-1]["content"]}

@@ -15,6 +15,7 @@ from ..errors import InputError, Interrupted
 from ..events import EventSink
 from ..recipe import TrainSection
 from .checkpoints import check_resumable, keep_newest, mark_complete
+from .logits import supervised_logits
 from .ranks import all_ranks_agree
 
 
@@ -34,38 +35,6 @@ def make_train_collator(tokenizer, *, packing: bool, max_seq_len: int, attn_impl
     # flash-attention separates packed rows only in a single flattened sequence; SDPA and eager take bins.
     flatten = (attn_implementation or "").startswith("flash_attention")
     return PackingCollator(pad_token_id=tokenizer.pad_token_id, max_seq_len=max_seq_len, flatten=flatten)
-
-
-def supervised_logits(model, batch: dict):
-    """Logits at the positions whose next token is supervised, and those next tokens.
-
-    The LM head and the loss run only where a label is not -100: for chat data most positions are prompt,
-    and with a large vocabulary the LM head is a large share of a small model's compute.
-    `use_cache=False` is not an optimisation: with a cache, transformers ignores restarting `position_ids`
-    and packed rows attend to one another (tests/test_packing.py checks both).
-    """
-    import torch.nn.functional as F
-
-    labels = batch["labels"]
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
-    keep = targets != -100
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if _slices_logits(model):
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-    else:
-        outputs = model(**inputs, use_cache=False)
-        outputs.logits = outputs.logits[keep]
-    return outputs, targets[keep]
-
-
-def _slices_logits(model) -> bool:
-    """Every causal LM of transformers 5 takes `logits_to_keep` (a boolean mask included); remote code may not."""
-    import inspect
-
-    for wrapper in ("_orig_mod", "module"):  # torch.compile, DDP
-        model = getattr(model, wrapper, model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: bool, packing: bool = True):
@@ -113,7 +82,9 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
         dataloader_pin_memory=on_cuda,
         include_num_input_tokens_seen="all",
         # Without packing, rows of like length share a batch so less of it is padding; a packed batch has none.
-        train_sampling_strategy="group_by_length" if (train.group_by_length and not packing) else "random",
+        # (Preference pairs have no single length to group by.)
+        train_sampling_strategy=("group_by_length" if (train.group_by_length and not packing and train.method == "sft")
+                                 else "random"),
         torch_compile=train.torch_compile,
         prediction_loss_only=True,  # the Trainer's own evaluation keeps the loss only (logits are sliced)
         use_cache=False,  # the Trainer writes this into model.config; a cache would unpack packed rows
@@ -211,13 +182,22 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSec
 
     args = training_arguments(train, work_dir / "checkpoints", has_eval=eval_dataset is not None, packing=packing)
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    trainer = _trainer_class()(
+    if train.method == "dpo":
+        from transformers import Trainer
+
+        from .preference import PairCollator, preference_trainer_class
+
+        trainer_class, collator = preference_trainer_class(Trainer, train), PairCollator(tokenizer.pad_token_id)
+    else:
+        trainer_class = _trainer_class()
+        collator = make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
+                                       attn_implementation=attn)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
-                                          attn_implementation=attn),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=trainer_callbacks(work_dir / "metrics.jsonl", on_event, [] if history is None else history,
                                     train.save_total_limit)
