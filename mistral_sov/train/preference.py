@@ -216,8 +216,6 @@ def with_reference_logps(model, dataset, *, pad_token_id: int, batch_size: int =
     """The dataset with each pair's reference log-probabilities as two more columns (reference_chosen,
     reference_rejected), computed once, in order, with the adapter off: training then runs one forward pass per
     step instead of two. Computed again on resume (the reference is the base: the same numbers)."""
-    import torch
-
     collate = PairCollator(pad_token_id)
     was_training = model.training
     model.eval()
