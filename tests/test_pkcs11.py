@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_signing import _model_signing  # the reference verifier, run offline
 
 from mistral_sov.errors import InputError, UsageError
 from mistral_sov.trust.pkcs11 import Pkcs11Signer, generate_keypair, parse_uri, redact_uri
@@ -356,17 +357,6 @@ def _ecdsa(public_key):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     return ec.ECDSA(getattr(hashes, {"secp256r1": "SHA256", "secp384r1": "SHA384"}[public_key.curve.name])())
-
-
-def _no_network_prefix() -> list[str]:
-    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
-        return ["unshare", "-n"]
-    return []  # still offline in practice: the key method never touches the network
-
-
-def _model_signing(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([*_no_network_prefix(), sys.executable, "-m", "model_signing", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_keygen_in_the_token_then_a_run_signed_by_it_verifies(hsm, tiny_model, tmp_path, cli, write_recipe):
