@@ -23,7 +23,7 @@ demo: setup
 # Two workers on CI's two cores, one test file each at a time (a file's module fixtures are built once); more on a
 # bigger machine, capped: every worker trains tiny models with torch's own threads.
 test: setup
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=25
 
 bench: setup
 	$(BIN)/python bench/throughput.py

@@ -163,15 +163,9 @@ def _encode_pairs_into(writer, records: Iterator[dict], tokenizer, mistral, *, m
             f"answer lost every token ({truncated} truncated)",
             hint=f"Raise train.max_seq_len (the longest sequence has {longest} tokens)"
                  + (", or set data.overlong: truncate." if overlong == "drop" else "."))
-    if batch["chosen_labels"]:
-        writer.write_batch(batch)
-    writer.finalize()
-    import numpy as np
-
-    return TokenStats(rows_in=rows_in, rows_out=pairs, truncated=truncated, dropped_overlong=dropped_overlong,
-                      dropped_unsupervised=dropped_unsupervised, tokens=sum(lengths),
-                      supervised_tokens=supervised_tokens, min_len=min(lengths),
-                      median_len=float(np.median(np.frombuffer(lengths, dtype=np.int64))), max_len=max(lengths))
+    return _close(writer, batch, lengths, rows_in=rows_in, rows_out=pairs, truncated=truncated,
+                  dropped_overlong=dropped_overlong, dropped_unsupervised=dropped_unsupervised,
+                  supervised_tokens=supervised_tokens)
 
 
 def _encode_into(writer, records: Iterator[dict], tokenizer, mistral, *, max_seq_len: int, overlong: str,
@@ -218,16 +212,21 @@ def _encode_into(writer, records: Iterator[dict], tokenizer, mistral, *, max_seq
             f"answer token survived ({truncated} truncated)",
             hint=f"Raise train.max_seq_len (the longest example has {longest} tokens)"
                  + (", or set data.overlong: truncate." if overlong == "drop" else "."))
-    if batch["labels"]:
-        writer.write_batch(batch)
-    writer.finalize()
+    return _close(writer, batch, lengths, rows_in=rows_in, rows_out=len(lengths), truncated=truncated,
+                  dropped_overlong=dropped_overlong, dropped_unsupervised=dropped_unsupervised,
+                  supervised_tokens=supervised_tokens)
+
+
+def _close(writer, batch: dict[str, list], lengths: array, **counts) -> TokenStats:
+    """Write the last, partial batch, finish the Arrow file, and sum up what was written."""
     import numpy as np
 
+    if any(batch.values()):
+        writer.write_batch(batch)
+    writer.finalize()
     # numpy's median of ints is statistics.median's: the middle value, or the mean of the two middle ones.
-    return TokenStats(rows_in=rows_in, rows_out=len(lengths), truncated=truncated,
-                      dropped_overlong=dropped_overlong, dropped_unsupervised=dropped_unsupervised,
-                      tokens=sum(lengths), supervised_tokens=supervised_tokens, min_len=min(lengths),
-                      median_len=float(np.median(np.frombuffer(lengths, dtype=np.int64))), max_len=max(lengths))
+    return TokenStats(**counts, tokens=sum(lengths), min_len=min(lengths), max_len=max(lengths),
+                      median_len=float(np.median(np.frombuffer(lengths, dtype=np.int64))))
 
 
 def _labels(ids: list[int], offsets: list, spans: list[tuple[int, int]] | None) -> list[int]:
