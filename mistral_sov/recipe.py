@@ -31,6 +31,9 @@ class ModelSection(_Strict):
     base_training_flops: Optional[float] = Field(
         None, gt=0, allow_inf_nan=False, description="the base model's pre-training compute in FLOPs (e.g. 2.5e24), "
         "as its provider states it: the run record gives the fine-tune's share of it")
+    adapter: Optional[str] = Field(
+        None, description="a LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. RUN/adapter) "
+        "training starts from instead of a fresh adapter; for dpo it is the reference model too")
 
 
 class QuantizationSection(_Strict):
@@ -40,6 +43,9 @@ class QuantizationSection(_Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    upcast_unquantized: bool = Field(False, description="hold the parameters left unquantized (embeddings, norms, "
+                                     "output head) in fp32, as PEFT's prepare_model_for_kbit_training does; "
+                                     "default: in compute_dtype (half their memory and a half-precision stream)")
 
 
 class DataFile(_Strict):
@@ -84,8 +90,9 @@ class LoraSection(_Strict):
 
 
 class TrainSection(_Strict):
-    method: Literal["sft", "dpo"] = Field("sft", description="sft: learn the answers; dpo: learn to prefer the "
-                                          "chosen answer of preference pairs over the rejected one (DPO)")
+    method: Literal["sft", "dpo", "orpo"] = Field("sft", description="sft: learn the answers; dpo: learn to prefer "
+                                                  "the chosen answer of preference pairs over the rejected one (DPO); "
+                                                  "orpo: the same without a reference model (ORPO)")
     beta: float = Field(0.1, gt=0, description="dpo: how far the policy may move from the reference (the base)")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: the DPO loss (sigmoid) or IPO")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: the share of pairs assumed "
@@ -103,6 +110,12 @@ class TrainSection(_Strict):
     max_seq_len: int = Field(512, gt=8)
     seed: int = 42
     gradient_checkpointing: bool = False
+    offload_activations: bool = Field(False, description="with gradient_checkpointing: keep each checkpointed "
+                                      "layer's input in (pinned) CPU memory until backward needs it (no-op on CPU)")
+    loss_chunk: int = Field(1024, gt=0, description="supervised positions per chunk of the LM head + loss (no "
+                            "[tokens, vocab] logits tensor ever exists whole)")
+    mlp_chunk: int = Field(2048, gt=0, description="with gradient_checkpointing: tokens per chunk of each layer's "
+                           "MLP, recomputed chunk by chunk in backward (rows of at most this many tokens: no change)")
     group_by_length: bool = Field(True, description="without data.packing, batch rows of like length together")
     torch_compile: bool = Field(False, description="compile the model with torch.compile (opt-in)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="mixed-precision compute on the accelerator")
@@ -211,6 +224,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             item["path"] = resolve(item["path"])
     if data["data"]["chat_template"]:
         data["data"]["chat_template"] = resolve(data["data"]["chat_template"])
+    if data["model"].get("adapter"):
+        data["model"]["adapter"] = resolve(data["model"]["adapter"])
     data["output"]["dir"] = resolve(data["output"]["dir"])
     if data["output"]["sign_key"] and not str(data["output"]["sign_key"]).lower().startswith("pkcs11:"):
         data["output"]["sign_key"] = resolve(data["output"]["sign_key"])  # an HSM key (RFC 7512 URI) is no path

@@ -28,6 +28,13 @@ class BaseModelRef(_Part):
     files: dict[str, str] = Field(default_factory=dict)  # relative name -> sha256, every file of the folder
 
 
+class AdapterRef(_Part):
+    """The LoRA adapter a run started from (model.adapter): its folder and the files training read, by digest."""
+
+    path: str
+    files: dict[str, str] = Field(default_factory=dict)  # adapter_config.json, adapter_model.safetensors -> sha256
+
+
 class DataFileRef(_Part):
     path: str
     format: str
@@ -173,6 +180,7 @@ class RunRecord(_Part):
     recipe_digest: str
     seed: int
     base_model: BaseModelRef
+    start_adapter: Optional[AdapterRef] = None  # model.adapter: the adapter training started from (None: fresh)
     data: DataRefs
     tokens: TokenRefs
     parameters: Parameters

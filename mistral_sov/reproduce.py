@@ -1,7 +1,8 @@
 """`msov reproduce`: re-run a signed training from its provenance and check the adapter comes out the same.
 
 1. the folder's signature and provenance must verify with the given key;
-2. the base model and data files on disk must have the digests the provenance recorded;
+2. the base model, start adapter (model.adapter) and data files on disk must have the digests the provenance
+   recorded;
 3. training runs again with the recorded recipe and seed, into a scratch folder;
 4. the new weight files are compared with the recorded ones. Where identity cannot be expected (other library
    versions, another device), the report says why and compares held-out loss instead.
@@ -48,7 +49,7 @@ def reproduce(folder: Path, public_key: Path, *, sig_path: Path | None = None, o
     on_event("stage", {"text": "checking base model and data digests"})
     base_dir = Path(info["base_model"]["path"] or "")
     expected = [(base_dir / f["name"], f["sha256"]) for f in info["base_model"]["files"]]
-    expected += [(Path(d["path"]), d["sha256"]) for d in info["datasets"]]
+    expected += [(Path(d["path"]), d["sha256"]) for d in info["start_adapter"] + info["datasets"]]
     problems = []
     for path, digest in expected:
         if not path.is_file():

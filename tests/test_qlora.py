@@ -46,7 +46,7 @@ def test_qlora_4bit_loss_falls_and_adapter_is_plain_peft(qlora_run):
     run = json.loads((out / "run.json").read_text())
     # Packed 4-bit weights count as the parameters they hold: the full-precision model's 229,696 plus LoRA's.
     assert run["parameters"]["total"] == 229_696 + run["parameters"]["trainable"], run["parameters"]
-    assert yaml_quantization(out) == NF4
+    assert yaml_quantization(out) == {**NF4, "upcast_unquantized": False}  # the new field, at its default
 
 
 def yaml_quantization(out):
@@ -135,7 +135,7 @@ def test_dry_run_with_quantization(tiny_model, tmp_path, write_recipe, cli):
     result = cli("finetune", path, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["recipe"]["quantization"] == NF4
+    assert report["recipe"]["quantization"] == {**NF4, "upcast_unquantized": False}
     assert report["parameters"]["total"] == 229_696 + report["parameters"]["trainable"]
 
 

@@ -47,15 +47,27 @@ def plan(
     overrides: Optional[List[str]] = SetOpt,
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="memory to plan for, e.g. 24GiB (GiB = 2^30 bytes, GB = 10^9); "
                                           "default: this machine's first GPU, else its available RAM"),
+    max_seq_len_for: Optional[str] = typer.Option(
+        None, "--max-seq-len-for", metavar="GPU_MEM", help="answer instead: the longest train.max_seq_len this "
+        "recipe trains in GPU_MEM (e.g. 12GiB), and what each cheaper change would make it"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Estimate a recipe's peak training memory from config.json alone (no weights) and say whether it fits.
 
-    Exit 0 when it fits, 3 when it does not (the output names the cheapest change that makes it fit).
+    Exit 0 when it fits, 3 when it does not (the output names the cheapest change that makes it fit). With
+    --max-seq-len-for: exit 0 with the longest sequence that fits, 3 when not even 256 tokens do.
     """
-    from ..model.memory import plan_recipe
+    from ..model.memory import plan_max_seq_len, plan_recipe
     from ..recipe import load_recipe
 
+    if max_seq_len_for is not None:
+        if gpu_mem is not None:
+            raise typer.BadParameter("give --gpu-mem or --max-seq-len-for, not both", param_hint="--gpu-mem")
+        report = plan_max_seq_len(load_recipe(recipe, overrides), gpu_mem=max_seq_len_for)
+        emit(report, show.print_max_seq_len)
+        if not report["longest"]["max_seq_len"]:
+            raise typer.Exit(NOT_FIT_EXIT)
+        return
     report = plan_recipe(load_recipe(recipe, overrides), gpu_mem=gpu_mem)
     emit(report, show.print_plan)
     if report["verdict"] != "fits":

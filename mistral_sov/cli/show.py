@@ -88,23 +88,27 @@ def print_plan(console, report: dict) -> None:
     console.print(f"parameters     {p['total']:,} total; {p['trainable']:,} trainable "
                   f"({100 * p['trainable'] / p['total']:.3f}%)")
     if p["quantized"]:
+        held = s["quantization"].rsplit("unquantized parameters ", 1)[-1]
         console.print(f"quantized      {p['quantized']:,} in nn.Linear layers; {p['not_quantized']:,} stay "
-                      "unquantized (embeddings, norms, output head, fused MoE experts) and are held in fp32")
-    console.print(f"settings       {s['quantization']}; batch {s['batch_size']} x {s['max_seq_len']} tokens; "
-                  f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}; {s['optimizer']}")
+                      f"unquantized (embeddings, norms, output head, fused MoE experts) and are held in {held}")
+    _print_settings(console, s)
     mem = report["memory"]
     table = Table(show_edge=False, title="estimated peak memory of one training step")
     table.add_column("part")
     table.add_column("memory", justify="right")
     rows = [("base weights", "weights"), ("LoRA weights", "lora"), ("gradients", "gradients"),
             ("optimizer states", "optimizer"), ("activations", "activations"), ("loss over the vocabulary", "logits"),
-            ("backward workspace", "workspace"), ("CUDA context + allocator slack", "runtime_overhead")]
+            ("attention mask", "attention_mask"), ("backward workspace", "workspace"),
+            ("CUDA context + allocator slack", "runtime_overhead")]
     for label, key in rows:
         table.add_row(label, size(mem[key]))
     table.add_row("[bold]total[/]", f"[bold]{size(mem['total'])}[/]")
     console.print(table)
     console.print(f"activations    {size(mem['activations_without_checkpointing'])} without gradient checkpointing, "
                   f"{size(mem['activations_with_checkpointing'])} with it")
+    if mem.get("offloaded_to_host"):
+        console.print(f"offloaded      {size(mem['offloaded_to_host'])} of checkpointed layer inputs wait in host "
+                      "memory (pinned), not counted above")
     budget = report["budget"]
     if report["verdict"] == "fits":
         console.print(f"[bold green]fits[/] in {size(budget['bytes'])} ({escape(budget['source'])}), "
@@ -120,6 +124,34 @@ def print_plan(console, report: dict) -> None:
     else:
         console.print("no recipe change makes it fit: the base weights alone need "
                       f"{size(mem['weights'])}; use a GPU with more memory or shard the model across GPUs (FSDP)")
+
+
+def _print_settings(console, s: dict) -> None:
+    ckpt = "on" if s["gradient_checkpointing"] else "off"
+    if s["gradient_checkpointing"] and s.get("offload_activations"):
+        ckpt += ", offloaded to CPU"
+    console.print(f"settings       {s['quantization']}; batch {s['batch_size']} x {s['max_seq_len']} tokens; "
+                  f"gradient checkpointing {ckpt}; {s['optimizer']}; attention {s.get('attn_implementation')}")
+
+
+def print_max_seq_len(console, report: dict) -> None:
+    m, s, longest = report["model"], report["settings"], report["longest"]
+    console.print(f"model          {escape(m['path'])} ({m['architecture']}: {m['layers']} layers, hidden "
+                  f"{m['hidden']}, vocab {m['vocab']})")
+    _print_settings(console, s)
+    budget = size(longest["budget"])
+    if longest["max_seq_len"]:
+        console.print(f"[bold]longest sequence[/] that fits {budget}: [bold]{longest['max_seq_len']:,}[/] tokens a "
+                      f"row (estimated {size(longest['estimated'])}; the recipe asks {longest['recipe_max_seq_len']:,}"
+                      f"{'' if longest['recipe_fits'] else ', which does not fit'})")
+    else:
+        console.print(f"[bold red]not even 256 tokens[/] fit {budget}")
+    for option in longest["options"]:
+        sets = " ".join(f"--set {item}" for item in option["set"])
+        console.print(f"  {option['max_seq_len']:>9,}  {escape(option['change'])}  [dim]{escape(sets)}[/]")
+    nxt = longest["next"]
+    if nxt:
+        console.print(f"cheapest change for longer rows: {escape(nxt['change'])} -> {nxt['max_seq_len']:,} tokens")
 
 
 def print_doctor(console, report: dict) -> None:

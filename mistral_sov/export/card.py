@@ -64,8 +64,9 @@ def model_card(run: Run, *, kind: str, base_ref: str, license_: str | None, fact
 
     record = run.record
     files = record.data.train + record.data.eval if record else []
+    method = training_method(run.recipe)
     meta = {"base_model": base_ref, "library_name": "peft" if kind == "adapter" else "transformers",
-            "pipeline_tag": "text-generation", "tags": ["msov", "lora", kind]}
+            "pipeline_tag": "text-generation", "tags": ["msov", "lora", kind] + ([method] if method != "sft" else [])}
     if license_:
         meta["license"] = license_
     if files:
@@ -87,6 +88,7 @@ def model_card(run: Run, *, kind: str, base_ref: str, license_: str | None, fact
                   'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")']
     lines += ["```", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in facts.items() if v is not None]
+    lines += _method_rows(run.recipe, method, record)
     if record:
         lines.append(f"| training | {record.train.steps} steps, final loss {_loss(record.train.final_loss)} |")
     if before is not None or after is not None:
@@ -98,6 +100,35 @@ def model_card(run: Run, *, kind: str, base_ref: str, license_: str | None, fact
                   for f in files]
     lines += ["", "What went into it, with digests: `msov/provenance.json` (covered by the signature).", ""]
     return "\n".join(lines)
+
+
+def training_method(recipe: dict) -> str:
+    """sft, dpo or orpo: the run's train.method (recipe.yaml); sft for a bare adapter or a recipe without it."""
+    train = recipe.get("train") if isinstance(recipe, dict) else None
+    return str(train.get("method") or "sft") if isinstance(train, dict) else "sft"
+
+
+def _method_rows(recipe: dict, method: str, record) -> list[str]:
+    """The card's rows on how the adapter was trained: the method and its settings, the preference data by digest
+    (DPO, ORPO), and the adapter training started from (model.adapter), by digest."""
+    train = recipe.get("train") or {} if isinstance(recipe, dict) else {}
+    rows = []
+    if method == "dpo":
+        rows.append(f"| training method | DPO ({train.get('loss_type', 'sigmoid')} loss, beta {train.get('beta')}, "
+                    f"label smoothing {train.get('label_smoothing', 0.0)}; reference: "
+                    f"{'the start adapter' if (recipe.get('model') or {}).get('adapter') else 'the base model'}) |")
+    elif method == "orpo":
+        rows.append(f"| training method | ORPO (beta {train.get('beta')}; no reference model) |")
+    else:
+        rows.append("| training method | SFT (supervised fine-tuning) |")
+    if method != "sft" and record:
+        rows += [f"| preference data | `sha256:{f.sha256}` ({f.rows} pairs, {split}) |"
+                 for split, files in (("train", record.data.train), ("held out", record.data.eval)) for f in files]
+    start = record.start_adapter if record else None
+    if start:
+        rows.append(f"| started from | LoRA adapter, adapter_model.safetensors "
+                    f"`sha256:{start.files.get('adapter_model.safetensors')}` |")
+    return rows
 
 
 def _loss(value: float | None) -> str:

@@ -259,7 +259,22 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
         _keep_cpu_4bit_trainable(model)
         if not fsdp:  # it casts norms and embeddings to float32: FSDP could not shard the mix
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            if not quantization.upcast_unquantized:
+                _hold_in_compute_dtype(model, getattr(torch, quantization.compute_dtype))
     return model
+
+
+def _hold_in_compute_dtype(model, dtype) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of the frozen parameters left unquantized (embeddings,
+    norms, output head: 268M of Mistral-7B's, 0.5 GiB more in fp32) and so of the residual stream that flows from
+    the embeddings: every saved activation and checkpointed layer input would be fp32 too. RMSNorm computes in
+    fp32 internally either way, and the LoRA adapters, added later, stay fp32 (PEFT upcasts them).
+    tests/test_long_context.py checks the loss curve against the upcast run's."""
+    import torch
+
+    for param in model.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad and type(param).__name__ == "Parameter":
+            param.data = param.data.to(dtype)
 
 
 def _keep_cpu_4bit_trainable(model) -> None:
@@ -288,16 +303,121 @@ def lora_config(section: LoraSection):
     )
 
 
-def attach_lora(model, section: LoraSection):
+def attach_lora(model, section: LoraSection, *, start: Path | None = None, reference: str | None = None):
+    """LoRA on `model` as the recipe's lora section describes it: fresh, or with the weights of the adapter folder
+    `start` (model.adapter, checked by inspect_start_adapter). `reference`: also load `start` a second time as a
+    frozen adapter of that name, without dropout (the DPO reference of a run that starts from an adapter)."""
     from peft import get_peft_model
 
     if getattr(model, "is_loaded_in_8bit", False):
         _refuse_dora_on_8bit(section, next(model.parameters()).device.type)
     try:
-        return get_peft_model(model, lora_config(section))
+        peft_model = get_peft_model(model, lora_config(section))
     except ValueError as exc:
         # PEFT says which target modules it could not find; keep its words, name our field.
         raise ModelFolderError(f"lora.target_modules: {exc}") from None
+    if start is not None:
+        load_start_adapter(peft_model, Path(start), "default")
+        if reference:
+            frozen = lora_config(section.model_copy(update={"dropout": 0.0}))
+            frozen.inference_mode = True  # PEFT leaves an inference-mode adapter's parameters without gradients
+            peft_model.add_adapter(reference, frozen)
+            load_start_adapter(peft_model, Path(start), reference)
+    return peft_model
+
+
+START_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what training reads of model.adapter
+# The fields of adapter_config.json that fix the adapter's shape and scaling, with the recipe's lora field for each.
+_LORA_FIELDS = (("r", "r"), ("lora_alpha", "alpha"), ("use_rslora", "use_rslora"), ("use_dora", "use_dora"),
+                ("bias", "bias"))
+
+
+def inspect_start_adapter(ref: str, section: LoraSection, *, architecture: str | None = None) -> Path:
+    """model.adapter checked before any weights load: a folder of its own regular files (no symbolic links),
+    safetensors weights, a LoRA config for a causal LM that the recipe's lora section describes (the recipe must
+    agree with the adapter: it is recorded as the run's configuration), and, where the adapter carries msov's
+    provenance, trained on a base of the same architecture. Returns the folder."""
+    from ..record import read_json
+
+    path = Path(ref)
+    where = f"model.adapter: '{ref}'"
+    if path.is_symlink():
+        raise InputError(f"{where} is a symbolic link; msov trains from an adapter folder's own files only.",
+                         hint="Point model.adapter at the folder itself (a link can change without the run knowing).")
+    if not path.is_dir():
+        raise InputError(f"{where} is not a folder.", hint="Point it at an adapter folder, e.g. RUN/adapter.")
+    if not (path / "adapter_config.json").exists() and (path / "adapter" / "adapter_config.json").is_file():
+        raise InputError(f"{where} is a run folder, not an adapter folder.", hint=f"Use {path / 'adapter'}.")
+    for name in START_ADAPTER_FILES:
+        item = path / name
+        if item.is_symlink():
+            raise InputError(f"{where}: {name} is a symbolic link; msov reads an adapter folder's own files only.")
+        if not item.is_file():
+            pickled = [p.name for p in path.glob("adapter_model.*") if p.suffix in _PICKLE_SUFFIXES]
+            if name.endswith(".safetensors") and pickled:
+                raise InputError(f"{where}: the adapter weights are a pickle file ({pickled[0]}); msov loads "
+                                 "safetensors only, because unpickling can run arbitrary code.",
+                                 hint="Convert them to adapter_model.safetensors on a trusted machine.")
+            raise InputError(f"{where}: no {name}.", hint="An adapter folder holds adapter_config.json and "
+                             "adapter_model.safetensors (what `msov finetune` writes to RUN/adapter).")
+    _check_safetensors_headers([path / "adapter_model.safetensors"])
+    config_file = path / "adapter_config.json"
+    config = read_json(config_file)
+    if config.get("peft_type") != "LORA" or config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise InputError(f"{config_file}: peft_type {config.get('peft_type')!r}, task_type "
+                         f"{config.get('task_type')!r}; model.adapter must be a LoRA adapter for a causal LM.")
+    for theirs, ours in _LORA_FIELDS:
+        if config.get(theirs) != getattr(section, ours) and not (ours == "alpha" and config.get(theirs) is not None
+                                                                 and float(config[theirs]) == float(section.alpha)):
+            raise InputError(f"{config_file}: {theirs} is {config.get(theirs)!r}, but the recipe's lora.{ours} is "
+                             f"{getattr(section, ours)!r}; the lora section must describe the adapter training "
+                             "starts from.", hint=f"Set lora.{ours}: {config.get(theirs)!r} (the recipe.yaml of the "
+                                                  "run that made the adapter has its whole lora section).")
+    targets = config.get("target_modules")
+    targets = {targets} if isinstance(targets, str) else set(targets or [])
+    if section.target_modules != "all-linear" and targets != set(section.target_modules):
+        raise InputError(f"{config_file}: target_modules is {sorted(targets)}, but the recipe's lora.target_modules "
+                         f"is {sorted(section.target_modules)}; the lora section must describe the adapter training "
+                         "starts from.", hint=f"Set lora.target_modules: {sorted(targets)}.")
+    if architecture is not None:
+        from ..trust.provenance import read_provenance
+
+        trained = read_provenance(path)
+        base = (((trained or {}).get("predicate") or {}).get("buildDefinition") or {}).get(
+            "externalParameters", {}).get("base_model") or {}
+        if base.get("architecture") and base["architecture"] != architecture:
+            raise InputError(f"{where}: trained on a base model of architecture {base['architecture']} "
+                             f"({path / 'msov' / 'provenance.json'}), but model.path is {architecture}.",
+                             hint="Start from an adapter trained on this base model, or set model.path to its base.")
+    return path
+
+
+def load_start_adapter(model, folder: Path, adapter_name: str) -> None:
+    """The adapter's tensors into the PEFT model's adapter `adapter_name`, after checking that they are exactly the
+    tensors that adapter has (names and shapes): an adapter made for a base of another shape is refused, naming the
+    first tensor that differs."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        what = "has no tensor" if missing else "has a tensor"
+        raise InputError(f"model.adapter: {weights} {what} '{name}' that the base model (model.path) with the recipe's "
+                         f"lora section {'needs' if missing else 'does not have'} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected); the adapter was made for another base or lora section.",
+                         hint="Start from an adapter trained on this base model with the same lora section.")
+    for name, tensor in sorted(expected.items()):
+        if tuple(tensors[name].shape) != tuple(tensor.shape):
+            raise InputError(f"model.adapter: {weights}: tensor '{name}' has shape {tuple(tensors[name].shape)}, but "
+                             f"the base model (model.path) needs {tuple(tensor.shape)}; the adapter was trained on a "
+                             "base of another shape.", hint="Start from an adapter trained on this base model.")
+    result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+    if [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]:  # names checked above; never expected
+        raise InputError(f"model.adapter: {weights}: PEFT did not take every tensor ({result.unexpected_keys[:3]}).")
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -4,10 +4,15 @@ Nothing is allocated and no weights are read: the model is built on the meta dev
 LoRA is attached there (PEFT counts the trainable parameters exactly), and memory is summed from shapes:
 
   weights      bitsandbytes quantizes `nn.Linear` layers (not the output head, not fused MoE expert tensors);
-               every other parameter of a quantized model is upcast to fp32 by prepare_model_for_kbit_training.
+               every other parameter of a quantized model is held in the compute dtype (in fp32 with
+               quantization.upcast_unquantized, as prepare_model_for_kbit_training leaves them).
   LoRA         adapters, their gradients and the optimizer's states, all fp32 (PEFT upcasts adapters).
   activations  what autograd keeps per token and layer (see `_layer_bytes_per_token`), all layers without
-               gradient checkpointing, one layer plus every layer's input with it; plus the loss over the vocab.
+               gradient checkpointing; with it, every layer's input (in host memory with
+               train.offload_activations) plus one layer's recompute, its dense MLP in train.mlp_chunk tokens.
+  logits       the LM head and loss for train.loss_chunk supervised positions at a time.
+  mask         the dense block-diagonal mask SDPA and eager attention get for packed rows (flash attention
+               takes the rows flattened and needs none).
 
 The figure is the peak of tensors allocated during a training step at batch_size x max_seq_len tokens (rows
 padded or packed to the full length: the worst case). The verdict adds the CUDA context and allocator slack.
@@ -62,6 +67,9 @@ class Shapes:
     lora_inputs: dict  # per layer: input group -> features per token LoRA layers save (one copy per group)
     lora_features: float  # per layer: sum of the LoRA-wrapped projections' input features
     lora_ranks: float  # per layer: sum of their ranks
+    lora_mlp_features: float = 0  # per layer: the part of lora_features read by MLP projections
+    lora_mlp_inputs: int = 0  # per layer: the part of lora_inputs' features read by MLP projections
+    tiled_mlp: bool = False  # the dense MLP blocks train/trainer.py:tile_mlps runs in chunks
 
 
 def read_shapes(recipe: Recipe) -> Shapes:
@@ -96,7 +104,8 @@ def read_shapes(recipe: Recipe) -> Shapes:
     experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 1
     per_token = getattr(text, "num_experts_per_tok", None) or 1
     intermediate = getattr(text, "moe_intermediate_size", None) if experts > 1 else None
-    inputs, features, ranks = _lora_layout(peft_model, text.num_hidden_layers)
+    inputs, features, ranks, mlp_features = _lora_layout(peft_model, text.num_hidden_layers)
+    mlps = [m for m in peft_model.modules() if type(m).__name__.endswith("MLP") and hasattr(m, "gate_proj")]
     return Shapes(
         architecture=",".join(config.architectures or [config.model_type]),
         layers=text.num_hidden_layers, hidden=text.hidden_size, heads=heads,
@@ -107,6 +116,8 @@ def read_shapes(recipe: Recipe) -> Shapes:
         quantizable_rows=sum(m.out_features for m in quantizable),
         largest_linear=max([m.weight.numel() for m in quantizable] or [0]),
         trainable=trainable, lora_inputs=inputs, lora_features=features, lora_ranks=ranks,
+        lora_mlp_features=mlp_features, lora_mlp_inputs=sum(v for k, v in inputs.items() if k in ("mlp", "down")),
+        tiled_mlp=experts == 1 and len(mlps) == text.num_hidden_layers,
     )
 
 
@@ -128,12 +139,13 @@ def _quantizable_linears(model) -> list:
     return [m for name, m in model.named_modules() if type(m) is nn.Linear and should_convert_module(name, skip)]
 
 
-def _lora_layout(peft_model, layers: int) -> tuple[dict, float, float]:
-    """Per layer: input features LoRA keeps for backward (one copy per shared input), dropout copies, ranks."""
+def _lora_layout(peft_model, layers: int) -> tuple[dict, float, float, float]:
+    """Per layer: input features LoRA keeps for backward (one copy per shared input), dropout copies, ranks, and
+    the input features of the MLP's LoRA layers."""
     from peft.tuners.lora import LoraLayer
 
     inputs: dict[str, int] = {}
-    features = ranks = 0
+    features = ranks = mlp = 0
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer) or not module.r:
             continue
@@ -141,12 +153,13 @@ def _lora_layout(peft_model, layers: int) -> tuple[dict, float, float]:
         features += in_features
         ranks += next(iter(module.r.values()))
         leaf = name.rsplit(".", 1)[-1]
+        mlp += in_features if _INPUT_GROUPS.get(leaf) in ("mlp", "down") else 0
         if leaf in _INPUT_GROUPS and _INPUT_GROUPS[leaf] is None:
             continue  # o_proj's input is SDPA's output, which attention keeps anyway
         key = _INPUT_GROUPS.get(leaf) or re.sub(r"\.\d+\.", ".N.", name)  # unknown names: one group each
         inputs[key] = max(inputs.get(key, 0), in_features)
     per_layer = max(layers, 1)
-    return inputs, features / per_layer, ranks / per_layer
+    return inputs, features / per_layer, ranks / per_layer, mlp / per_layer
 
 
 def estimate(shapes: Shapes, recipe: Recipe) -> dict:
@@ -158,8 +171,9 @@ def estimate(shapes: Shapes, recipe: Recipe) -> dict:
     else:
         per_weight = _BYTES_4BIT[q.double_quant] if q.bits == 4 else 1.0
         quantized = shapes.quantizable * per_weight + (4 * shapes.quantizable_rows if q.bits == 8 else 0)
-        # prepare_model_for_kbit_training casts every fp16/bf16 parameter left unquantized to fp32.
-        weight_bytes = quantized + others * 4
+        # prepare_model_for_kbit_training casts every parameter left unquantized to fp32; msov casts them back to
+        # the compute dtype unless the recipe asks to keep them upcast (model/load.py:_hold_in_compute_dtype).
+        weight_bytes = quantized + others * (4 if q.upcast_unquantized else _DTYPE_BYTES[q.compute_dtype])
     trainable = shapes.trainable
     optimizer = _OPTIMIZER_BYTES.get(train.optimizer)
     if optimizer is None:  # adafactor: factored second moment, about one fp32 per row and column of each matrix
@@ -171,28 +185,39 @@ def estimate(shapes: Shapes, recipe: Recipe) -> dict:
         "gradients": 4 * trainable,
         "optimizer": int(optimizer * trainable),
         "activations": act["with"] if train.gradient_checkpointing else act["without"],
-        "logits": act["logits"],
+        # The loss's chunk peaks before any layer's backward starts and is freed by then: only what it needs beyond
+        # the layer phase (a layer's recompute and backward workspace) adds to the peak.
+        "logits": act["loss_hidden"] + max(0, act["logits"] - act["workspace"]
+                                           - (act["recompute"] if train.gradient_checkpointing else 0)),
+        "attention_mask": act["mask"],
         "workspace": act["workspace"],
     }
     peak = sum(parts.values())
     dynamic = peak - parts["weights"]  # weights are few large blocks; fragmentation comes from the step's churn
     return {"parts": parts, "peak": peak, "activations_with_checkpointing": act["with"],
             "activations_without_checkpointing": act["without"],
+            "offloaded": act["offloaded"] if train.gradient_checkpointing else 0,
             "with_runtime": int(peak + dynamic * RUNTIME_SLACK + RUNTIME_FIXED)}
 
 
 def _act_bytes(recipe: Recipe) -> int:
     """Bytes per element of the residual stream autograd keeps.
 
-    A quantized model's stream is fp32: prepare_model_for_kbit_training upcasts the embeddings. Autocast
-    (train.dtype bf16/fp16) does not halve it: it keeps the half-precision casts next to the fp32 tensors
-    (measured with saved_tensors_hooks: within 4 % of fp32)."""
-    if recipe.quantization is not None:
-        return 4
+    A quantized model's stream has the dtype of its embeddings: the compute dtype, or fp32 when they are upcast.
+    Autocast (train.dtype bf16/fp16) does not halve an fp32 stream: it keeps the half-precision casts next to the
+    fp32 tensors (measured with saved_tensors_hooks: within 4 % of fp32)."""
+    q = recipe.quantization
+    if q is not None:
+        return 4 if q.upcast_unquantized else _DTYPE_BYTES[q.compute_dtype]
     return _DTYPE_BYTES[recipe.model.dtype]
 
 
 def _layer_bytes_per_token(shapes: Shapes, recipe: Recipe) -> float:
+    whole, mlp = _layer_parts_per_token(shapes, recipe)
+    return whole + mlp
+
+
+def _layer_parts_per_token(shapes: Shapes, recipe: Recipe) -> tuple[float, float]:
     """What one decoder layer keeps for backward, per token (Llama/Mistral block: RMSNorm, GQA attention, SwiGLU).
 
     Counted with torch.autograd.graph.saved_tensors_hooks on Mistral blocks in fp32 and bf16, with and without
@@ -217,24 +242,50 @@ def _layer_bytes_per_token(shapes: Shapes, recipe: Recipe) -> float:
     else:
         lora = shared if a == 4 else per_layer_copies
     lora_mid = 4 * shapes.lora_ranks  # lora_A outputs
-    return norms + attention + mlp + lora + lora_mid
+    # The MLP's own share (what tiling bounds): its activations and its LoRA layers' inputs, dropout and middles.
+    mlp_features = shapes.lora_mlp_features
+    if recipe.lora.dropout > 0:
+        mlp_lora = 4 * shapes.lora_mlp_inputs + 5 * mlp_features
+    else:
+        mlp_lora = 4 * shapes.lora_mlp_inputs if a == 4 else 4 * mlp_features
+    share = mlp_features / shapes.lora_features if shapes.lora_features else 0
+    mlp_part = mlp + mlp_lora + lora_mid * share
+    return norms + attention + lora + lora_mid - mlp_lora - lora_mid * share, mlp_part
 
 
 def _activation_bytes(shapes: Shapes, recipe: Recipe) -> dict:
-    tokens = recipe.train.batch_size * recipe.train.max_seq_len
+    train = recipe.train
+    tokens = train.batch_size * train.max_seq_len
     a = _act_bytes(recipe)
-    layer = _layer_bytes_per_token(shapes, recipe) * tokens
-    without = shapes.layers * layer + a * shapes.hidden * tokens
-    # Checkpointing keeps each layer's input and recomputes one layer at a time during backward.
-    with_ckpt = shapes.layers * a * shapes.hidden * tokens + layer
-    # The loss over the vocabulary peaks as backward starts: the fp32 log-softmax kept for backward and two fp32
-    # gradients (the Trainer has dropped the logits themselves by then). Measured: 12.0-12.3 bytes per logit.
-    logits = 12 * shapes.vocab * tokens
+    whole, mlp = _layer_parts_per_token(shapes, recipe)
+    without = shapes.layers * (whole + mlp) * tokens + a * shapes.hidden * tokens
+    # Checkpointing keeps each layer's input and recomputes one layer at a time during backward; train/trainer.py
+    # recomputes a dense MLP `mlp_chunk` tokens at a time (its input kept whole), the rest of the layer at once.
+    mlp_tokens = min(tokens, train.mlp_chunk) if shapes.tiled_mlp else tokens
+    recompute = whole * tokens + mlp * mlp_tokens + (a * shapes.hidden * tokens if mlp_tokens < tokens else 0)
+    inputs = shapes.layers * a * shapes.hidden * tokens
+    # Offloaded, the layer inputs wait in host memory; on the device only the one being copied back and the one
+    # the forward pass is writing out.
+    on_device = min(inputs, 2 * a * shapes.hidden * tokens) if train.offload_activations else inputs
+    with_ckpt = on_device + recompute
+    # The loss over the vocabulary, one chunk of supervised positions at a time (train/logits.py), peaks in the
+    # chunk's backward: 12 bytes per logit in fp32 (the recomputed log-softmax, its gradient, the logits'
+    # gradient), 2 more with a half-precision head (its output and gradient in that dtype besides the fp32 ones).
+    logits = (12 + 2 * (a < 4)) * shapes.vocab * min(tokens, train.loss_chunk)
+    loss_hidden = 2 * a * shapes.hidden * tokens  # the final hidden states at supervised positions, and their grad
     # A layer's backward holds gradients of its largest activations; quantized weights are dequantized per matmul.
-    workspace = 2 * a * (shapes.hidden + shapes.intermediate * shapes.experts_per_token) * tokens
+    workspace = 2 * a * (shapes.hidden * tokens + shapes.intermediate * shapes.experts_per_token * mlp_tokens)
     if recipe.quantization is not None or recipe.lora.use_dora:
         workspace += 2 * shapes.largest_linear * _DTYPE_BYTES[_compute_dtype(recipe)]
-    return {"with": int(with_ckpt), "without": int(without), "logits": int(logits), "workspace": int(workspace)}
+    # SDPA and eager attention get a boolean [seq, seq] mask per row (block-diagonal for packed rows, causal for
+    # padded ones), kept for the recompute, and SDPA's additive copy of it in the compute dtype while a layer's
+    # attention runs. Flash attention takes packed rows flattened (cu_seqlens) and needs none.
+    mask = 0
+    if not (recipe.model.attn_implementation or "").startswith("flash"):
+        mask = train.batch_size * train.max_seq_len ** 2 * (1 + _DTYPE_BYTES[_compute_dtype(recipe)])
+    return {"with": int(with_ckpt), "without": int(without), "logits": int(logits), "workspace": int(workspace),
+            "loss_hidden": int(loss_hidden), "recompute": int(recompute),
+            "mask": int(mask), "offloaded": int(inputs - on_device)}
 
 
 def _compute_dtype(recipe: Recipe) -> str:
@@ -251,6 +302,10 @@ def _candidates(recipe: Recipe) -> list[tuple[str, str, list[str]]]:
         accum = t.grad_accum * t.batch_size // batch
         out.append(("batch", f"split each step into micro-batches of {batch} (batch_size {batch}, grad_accum "
                     f"{accum}: same effective batch)", [f"train.batch_size={batch}", f"train.grad_accum={accum}"]))
+    if not t.offload_activations:
+        out.append(("offload", "offload checkpointed activations to CPU memory (same result; needs "
+                    "checkpointing and host RAM for every layer's input)",
+                    ["train.gradient_checkpointing=true", "train.offload_activations=true"]))
     if t.optimizer in ("adamw_torch", "adamw_torch_fused"):
         out.append(("optim", "use the 8-bit paged AdamW optimizer (needs CUDA)", ["train.optimizer=paged_adamw_8bit"]))
     if q is None:
@@ -287,7 +342,7 @@ def cheapest_fix(shapes: Shapes, recipe: Recipe, budget: int) -> dict | None:
     chosen: dict[str, tuple[str, list[str]]] = {}  # a later option of the same family replaces the earlier one
     for family, why, settings in options:
         chosen[family] = (why, settings)
-        combined = [s for _, group in chosen.values() for s in group]
+        combined = list(dict.fromkeys(s for _, group in chosen.values() for s in group))
         total = estimate(shapes, _apply(recipe, combined))["with_runtime"]
         if total <= budget:
             return {"change": "; ".join(w for w, _ in chosen.values()), "set": combined, "estimated": total}
@@ -329,13 +384,10 @@ def plan_recipe(recipe: Recipe, *, gpu_mem: str | int | None = None) -> dict:
         "parameters": {"total": shapes.total, "trainable": shapes.trainable,
                        "quantized": shapes.quantizable if q else 0,
                        "not_quantized": shapes.total - shapes.quantizable if q else shapes.total},
-        "settings": {"quantization": _quant_label(recipe), "batch_size": recipe.train.batch_size,
-                     "max_seq_len": recipe.train.max_seq_len,
-                     "tokens_per_step": recipe.train.batch_size * recipe.train.max_seq_len,
-                     "gradient_checkpointing": recipe.train.gradient_checkpointing,
-                     "optimizer": recipe.train.optimizer, "train_dtype": recipe.train.dtype},
+        "settings": _settings(recipe),
         "memory": {**est["parts"], "activations_with_checkpointing": est["activations_with_checkpointing"],
                    "activations_without_checkpointing": est["activations_without_checkpointing"],
+                   "offloaded_to_host": est["offloaded"],
                    "peak": est["peak"], "runtime_overhead": est["with_runtime"] - est["peak"],
                    "total": est["with_runtime"]},
         "budget": {"bytes": budget, "source": source},
@@ -345,10 +397,94 @@ def plan_recipe(recipe: Recipe, *, gpu_mem: str | int | None = None) -> dict:
     }
 
 
+SEQ_STEP = 256  # --max-seq-len-for answers in multiples of this
+
+
+def longest_sequence(shapes: Shapes, recipe: Recipe, budget: int) -> tuple[int, int]:
+    """(the longest train.max_seq_len, a multiple of SEQ_STEP, whose step fits `budget`; its estimate), (0, 0)
+    when not even SEQ_STEP tokens fit. The estimate grows with the length, so doubling then bisecting finds it."""
+
+    def total(length: int) -> int:
+        return estimate(shapes, _apply(recipe, [f"train.max_seq_len={length}"]))["with_runtime"]
+
+    if total(SEQ_STEP) > budget:
+        return 0, 0
+    low, high = 1, 2  # in steps: low fits, high is not known to
+    while total(high * SEQ_STEP) <= budget and high < 2**16:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if total(middle * SEQ_STEP) <= budget else (low, middle)
+    return low * SEQ_STEP, total(low * SEQ_STEP)
+
+
+def _longer_options(recipe: Recipe) -> list[tuple[str, list[str]]]:
+    """Changes that buy a longer sequence, cheapest first: same maths (only slower), then a smaller adapter."""
+    t, lora, out = recipe.train, recipe.lora, []
+    if not t.gradient_checkpointing:
+        out.append(("turn on gradient checkpointing (about 30% slower, same result)",
+                    ["train.gradient_checkpointing=true"]))
+    if not t.offload_activations:
+        out.append(("offload checkpointed activations to CPU memory (same result, transfers overlapped on CUDA)",
+                    ["train.gradient_checkpointing=true", "train.offload_activations=true"]))
+    if not (recipe.model.attn_implementation or "").startswith("flash"):
+        out.append(("flash attention: packed rows flattened, no [seq, seq] mask (needs flash-attn and a CUDA GPU)",
+                    ["model.attn_implementation=flash_attention_2"]))
+    if t.batch_size > 1:
+        out.append((f"batch_size 1, grad_accum {t.grad_accum * t.batch_size} (same effective batch)",
+                    ["train.batch_size=1", f"train.grad_accum={t.grad_accum * t.batch_size}"]))
+    if lora.dropout > 0:
+        out.append(("LoRA without dropout (no dropped copy of each adapted layer's input)", ["lora.dropout=0"]))
+    if lora.r > 8:
+        out.append((f"a smaller adapter: lora.r {lora.r // 2}", [f"lora.r={lora.r // 2}"]))
+    return out
+
+
+def plan_max_seq_len(recipe: Recipe, *, gpu_mem: str | int) -> dict:
+    """`msov plan --max-seq-len-for`: the longest sequence this recipe trains in `gpu_mem`, and what each of the
+    changes in `_longer_options` would make it (the first that helps is the cheapest)."""
+    from ..guard.env import enforce_offline_env
+
+    enforce_offline_env()
+    budget = parse_size(gpu_mem, option="--max-seq-len-for", unit_required=True)
+    shapes = read_shapes(recipe)
+    length, total = longest_sequence(shapes, recipe, budget)
+    options = []
+    for why, settings in _longer_options(recipe):
+        changed = _apply(recipe, settings)
+        changed_shapes = read_shapes(changed) if any(s.startswith("lora.") for s in settings) else shapes
+        longer, estimated = longest_sequence(changed_shapes, changed, budget)
+        options.append({"change": why, "set": settings, "max_seq_len": longer, "estimated": estimated})
+    better = [o for o in options if o["max_seq_len"] > length]
+    at = _apply(recipe, [f"train.max_seq_len={length or SEQ_STEP}"])
+    return {
+        "status": "max_seq_len",
+        "model": {"path": str(Path(recipe.model.path)), "architecture": shapes.architecture,
+                  "layers": shapes.layers, "hidden": shapes.hidden, "vocab": shapes.vocab},
+        "settings": _settings(recipe),
+        "longest": {"budget": budget, "max_seq_len": length, "estimated": total,
+                    "recipe_max_seq_len": recipe.train.max_seq_len,
+                    "recipe_fits": length >= recipe.train.max_seq_len,
+                    "memory": estimate(shapes, at)["parts"] if length else None,
+                    "next": better[0] if better else None, "options": options},
+    }
+
+
+def _settings(recipe: Recipe) -> dict:
+    t = recipe.train
+    return {"quantization": _quant_label(recipe), "batch_size": t.batch_size, "max_seq_len": t.max_seq_len,
+            "tokens_per_step": t.batch_size * t.max_seq_len, "gradient_checkpointing": t.gradient_checkpointing,
+            "offload_activations": t.offload_activations, "loss_chunk": t.loss_chunk, "mlp_chunk": t.mlp_chunk,
+            "attn_implementation": recipe.model.attn_implementation, "lora_r": recipe.lora.r,
+            "optimizer": t.optimizer, "train_dtype": t.dtype}
+
+
 def _quant_label(recipe: Recipe) -> str:
     q = recipe.quantization
     if q is None:
         return f"none ({recipe.model.dtype})"
+    rest = "fp32" if q.upcast_unquantized else q.compute_dtype
     if q.bits == 8:
-        return f"8-bit (LLM.int8), compute {q.compute_dtype}"
-    return f"4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}"
+        return f"8-bit (LLM.int8), compute {q.compute_dtype}, unquantized parameters {rest}"
+    return (f"4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}, "
+            f"unquantized parameters {rest}")

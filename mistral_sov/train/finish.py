@@ -40,11 +40,16 @@ def draw_loss_plot(record: RunRecord, metrics: list[dict], target: Target, on_ev
     from .loss_plot import write_loss_plot
 
     evals = record.eval
+    # a preference run's held-out rewards before (step 0) and after training, beside the Trainer's eval_steps ones
+    rewards = [(step, result.reward_margin, result.reward_accuracy)
+               for step, result in ((0, evals.before), (record.train.steps, evals.after))
+               if result is not None and result.reward_margin is not None]
     try:
         write_loss_plot(target.work_dir / "loss.png", metrics,
                         eval_before=evals.before.loss if evals.before else None,
                         eval_after=evals.after.loss if evals.after else None,
-                        final_step=record.train.steps, title=f"{record.name}: loss and learning rate")
+                        final_step=record.train.steps, title=f"{record.name}: loss and learning rate",
+                        held_out_rewards=rewards)
     except Exception as exc:  # noqa: BLE001 - matplotlib can fail in many ways (fonts, cache dir); none matter here
         on_event("warning", {"text": f"loss.png was not drawn: {type(exc).__name__}: {exc}"})
         return record

@@ -33,3 +33,76 @@ def _slices_logits(model) -> bool:
         model = getattr(model, wrapper, model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def supervised_token_logps(model, batch: dict, *, chunk: int = 1024):
+    """Log-probabilities of the supervised next tokens, the LM head and log-softmax run `chunk` positions at a time.
+
+    Returns (logps [n_supervised], targets [n_supervised], keep [batch, seq]): `-logps.sum()` is the summed
+    cross-entropy over `supervised_logits`, to rounding. The model runs through its own forward (DDP's and
+    compile's wrappers included); a pre-hook takes the hidden states the head would receive and hands the head an
+    empty slice instead. Each chunk's head + log-softmax runs under checkpointing: its [chunk, vocab] logits are
+    freed before the next chunk and recomputed in backward, so no [n_supervised, vocab] tensor exists in forward
+    or backward. Models whose head is not a plain projection (soft-capped or scaled logits, remote code without
+    `logits_to_keep`) and FSDP-sharded heads take the unchunked path.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = targets != -100
+    head = _plain_head(model)
+    if head is None:
+        outputs, kept = supervised_logits(model, batch)
+        logps = torch.log_softmax(outputs.logits.float(), dim=-1).gather(-1, kept[:, None]).squeeze(-1)
+        return logps, kept, keep
+    captured = {}
+
+    def take_hidden(module, args):
+        captured["hidden"] = args[0]
+        return (args[0][:0],) + tuple(args[1:])  # the head projects nothing inside the model's forward
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    handle = head.register_forward_pre_hook(take_hidden)
+    try:
+        model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        handle.remove()
+    hidden, kept = captured["hidden"], targets[keep]
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, hidden.shape[0], max(chunk, 1)):
+        args = (head, hidden[start:start + chunk], kept[start:start + chunk])
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(*args))
+    logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return logps, kept, keep
+
+
+def _chunk_logps(head, hidden, targets):
+    import torch
+
+    logits = head(hidden).float()  # as the unchunked loss: the head in the model's dtype, the softmax in fp32
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _plain_head(model):
+    """The output projection when logits are exactly `head(final hidden states)`, else None."""
+    if not _slices_logits(model):
+        return None
+    for wrapper in ("_orig_mod", "module"):  # torch.compile, DDP
+        model = getattr(model, wrapper, model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale")):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None or any(type(p).__name__ == "DTensor" for p in head.parameters()):
+        return None  # FSDP2 reshards the head after the forward pass; the chunks would see shards
+    return head

@@ -18,10 +18,11 @@ from .. import __version__
 from ..events import EventSink, no_events
 from ..guard.env import enforce_offline_env
 from ..recipe import Recipe
-from ..record import (BaseModelRef, ComputeRecord, Controls, DataRefs, EgressControl, EvalRefs, EvalResult,
-                      Parameters, RankResult, RunRecord, Sample, ScanControl, TokenRefs, TrainResult)
+from ..record import (AdapterRef, BaseModelRef, ComputeRecord, Controls, DataRefs, EgressControl, EvalRefs,
+                      EvalResult, Parameters, RankResult, RunRecord, Sample, ScanControl, TokenRefs, TrainResult)
 from .engine import Engine, quiet_deepspeed_on_cpu
 from .finish import draw_loss_plot, publish, seal_adapter
+from .preference import PREFERENCE_METHODS, REFERENCE_ADAPTER, drop_reference
 from .ranks import all_ranks_agree
 from .run_folder import (Target, check_targets, ready_to_train, record_inputs, refuse_overlapping_inputs, run_lock,
                          start_afresh)
@@ -39,6 +40,7 @@ class PreparedData:
     train: object = None  # data.TokenizedData
     eval: object = None
     scan: dict = field(default_factory=dict)  # personal-data / secrets counts (never the findings)
+    start_adapter: object = None  # model.adapter's folder (a Path), checked; None: training starts a fresh adapter
     # what was done about the findings: finetune warns and trains on the data as given (no --fail-on, no redaction)
     scan_policy: dict = field(default_factory=lambda: {"action": "warn", "fail_on": [], "redact": False})
 
@@ -65,9 +67,14 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weig
                                      "will run on this machine."})
     tokenizer = load_tokenizer(folder, chat_template=recipe.data.chat_template,
                                trust_remote_code=recipe.model.trust_remote_code, of_record=recipe.data.tokenizer)
+    start_adapter = None
+    if recipe.model.adapter:
+        from ..model.load import inspect_start_adapter
+
+        start_adapter = inspect_start_adapter(recipe.model.adapter, recipe.lora, architecture=folder.architecture)
 
     on_event("stage", {"text": "loading and validating data"})
-    prepared = PreparedData(folder=folder, tokenizer=tokenizer)
+    prepared = PreparedData(folder=folder, tokenizer=tokenizer, start_adapter=start_adapter)
     # Each file is checked row by row and nothing is kept; then read again, one record at a time, into the scan
     # and the tokeniser together: no list of every record (or of every encoded row) is ever held.
     prepared.train_files = [_load_for(recipe, f) for f in recipe.data.train]
@@ -81,7 +88,7 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weig
                    scanned(report, str(loaded.path), iter_records(loaded.path, loaded.format, loaded.split)))
         return tokenize_records(records, tokenizer, max_seq_len=recipe.train.max_seq_len,
                                 overlong=recipe.data.overlong, train_on=recipe.data.train_on,
-                                preference=recipe.train.method == "dpo")
+                                preference=recipe.train.method in PREFERENCE_METHODS)
 
     on_event("stage", {"text": "scanning and tokenising"})
     prepared.train = tokenise(prepared.train_files)
@@ -91,22 +98,23 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weig
 
 
 def _load_for(recipe: Recipe, data_file):
-    """A data file checked for the run's method: SFT formats for sft, preference pairs for dpo."""
+    """A data file checked for the run's method: SFT formats for sft, preference pairs for dpo and orpo."""
     from ..data import load_data_file
     from ..errors import DataError
 
-    dpo = recipe.train.method == "dpo"
-    loaded = load_data_file(data_file.path, data_file.format, split=data_file.split, keep_records=False, sft=not dpo)
-    if dpo and loaded.format != "preference":
-        raise DataError(f"{loaded.path}: {loaded.format} format, but train.method: dpo learns from preference pairs",
+    pairs = recipe.train.method in PREFERENCE_METHODS
+    loaded = load_data_file(data_file.path, data_file.format, split=data_file.split, keep_records=False, sft=not pairs)
+    if pairs and loaded.format != "preference":
+        raise DataError(f"{loaded.path}: {loaded.format} format, but train.method: {recipe.train.method} learns from "
+                        "preference pairs",
                         hint="Give a file of prompt + chosen + rejected rows (or messages + chosen + rejected "
                              "assistant turns), or set train.method: sft.")
     return loaded
 
 
 def effective_packing(recipe: Recipe) -> bool:
-    """Packing is for SFT only: a DPO batch must hold each pair's chosen and rejected rows side by side, each
-    row's log-probability summed on its own, and the reference pass over the very same rows."""
+    """Packing is for SFT only: a DPO or ORPO batch must hold each pair's chosen and rejected rows side by side,
+    each row's log-probability summed on its own, and the reference pass over the very same rows."""
     return recipe.data.packing and recipe.train.method == "sft"
 
 
@@ -147,9 +155,10 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
         target, prepared = check_run(recipe, engine, lock, resume=resume, overwrite=overwrite, sign_key=sign_key,
                                      on_event=on_event)
         # 2. the bytes trained on: recorded in inputs.json, or, on resume, checked against it
-        base_files = record_inputs(target, prepared.folder.path, prepared.train_files + prepared.eval_files,
-                                   main=engine.is_main, on_event=on_event)
-        # 3. base weights with LoRA attached; the seed fixes the adapter's initialisation
+        base_files, start_files = record_inputs(target, prepared.folder.path, prepared.train_files
+                                                + prepared.eval_files, main=engine.is_main, on_event=on_event,
+                                                start_adapter=prepared.start_adapter)
+        # 3. base weights with LoRA attached (fresh: the seed fixes its initialisation; or model.adapter's)
         loaded = load_for_training(recipe, prepared, engine, on_event)
         # 4. where we start from: eval loss and a sample answer (rank 0's to report; nothing is sharded yet)
         sample = sample_conversation(prepared.eval_files or prepared.train_files)
@@ -157,11 +166,12 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
         # 5. train, from the latest usable checkpoint when resuming
         earlier_metrics = ready_to_train(target, recipe, on_event) if engine.is_main else []
         train_rows, eval_rows = reference_ready(loaded.model, prepared, recipe, on_event)
-        trained = train(loaded.model, prepared.tokenizer, train_rows, eval_rows, recipe.train, target.work_dir,
-                        on_event, packing=effective_packing(recipe), resume_from=target.checkpoint,
+        trained = train(loaded.model, prepared.tokenizer, train_rows, eval_rows, recipe.train,
+                        target.work_dir, on_event, packing=effective_packing(recipe), resume_from=target.checkpoint,
                         earlier_metrics=earlier_metrics)
         # 6. where we ended: the same measures, on every rank (under FSDP each forward pass gathers all shards)
         after = measure(loaded.model, prepared, recipe, sample, engine, on_event, trained=trained)
+        drop_reference(loaded.model)  # a start adapter's frozen copy: the DPO reference, not part of the result
         # 7. the adapter, gathered whole by every rank; rank 0 alone saves and publishes it
         adapter = engine.gather_adapter(trained.model_wrapped, loaded.model)
         if not engine.is_main:
@@ -170,7 +180,8 @@ def finetune(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, o
         adapter.save(loaded.model, target.work_dir / "adapter")
         # 8. the run's record, then provenance and signature over adapter/, and loss.png
         record = describe_run(recipe, target, prepared, base_files, loaded, adapter.sha256, trained,
-                              engine, before, after, sample, started_at=started_at, clock=clock, egress=egress)
+                              engine, before, after, sample, started_at=started_at, clock=clock, egress=egress,
+                              start_files=start_files)
         record = seal_adapter(record, recipe, target, sign_key, on_event)
         record = draw_loss_plot(record, trained.metrics, target, on_event)
         # 9. run.json, the atomic rename of OUT.partial/ to OUT/, checkpoints removed
@@ -230,16 +241,24 @@ def load_for_training(recipe: Recipe, prepared: PreparedData, engine: Engine, on
     set_seed(recipe.train.seed)
     base = load_model(prepared.folder, recipe.model, quantization=recipe.quantization,
                       gradient_checkpointing=recipe.train.gradient_checkpointing, fsdp=engine.fsdp)
-    model = engine.place(attach_lora(base, recipe.lora))
-    return LoadedModel(model, *parameter_counts(model))
+    # DPO from an adapter: its reference is that adapter (the SFT model), loaded a second time and frozen
+    reference = REFERENCE_ADAPTER if prepared.start_adapter and recipe.train.method == "dpo" else None
+    model = engine.place(attach_lora(base, recipe.lora, start=prepared.start_adapter, reference=reference))
+    # counted without the reference copy: a run from model.adapter reports the same parameters as a fresh one
+    trainable, total = parameter_counts(model)
+    return LoadedModel(model, trainable, total - (_adapter_size(model, reference) if reference else 0))
+
+
+def _adapter_size(model, name: str) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n)
 
 
 def reference_ready(model, prepared: PreparedData, recipe: Recipe, on_event: EventSink) -> tuple:
     """The train and eval datasets as training takes them: with train.precompute_ref, each pair carries its
-    reference log-probabilities, computed here once (before any weight changes, so with the adapter off they are
-    the base's)."""
+    reference log-probabilities, computed here once (before any weight changes: the base's with the adapter off,
+    or, from model.adapter, its frozen reference copy's)."""
     train_rows, eval_rows = prepared.train.dataset, prepared.eval.dataset if prepared.eval else None
-    if recipe.train.method != "dpo" or not recipe.train.precompute_ref:
+    if recipe.train.method != "dpo" or not recipe.train.precompute_ref:  # ORPO has no reference
         return train_rows, eval_rows
     from .preference import with_reference_logps
 
@@ -259,14 +278,15 @@ def measure(model, prepared: PreparedData, recipe: Recipe, sample: dict | None, 
     measured = Measured()
     if trained is None and not engine.is_main:
         return measured
-    if prepared.eval is not None and recipe.train.method == "dpo":
+    if prepared.eval is not None and recipe.train.method in PREFERENCE_METHODS:
         from .preference import preference_evaluation
 
         on_event("stage", {"text": f"evaluating {'after' if trained else 'before'} training"})
         settings = recipe.train
         measured.eval = EvalResult(**preference_evaluation(
             model, prepared.eval.dataset, pad_token_id=prepared.tokenizer.pad_token_id, beta=settings.beta,
-            loss_type=settings.loss_type, label_smoothing=settings.label_smoothing, batch_size=settings.batch_size))
+            loss_type=settings.loss_type, label_smoothing=settings.label_smoothing, batch_size=settings.batch_size,
+            method=settings.method))
     elif prepared.eval is not None:
         on_event("stage", {"text": f"evaluating {'after' if trained else 'before'} training"})
         measured.eval = EvalResult(**evaluation_loss(model, prepared.eval.dataset, make_collator(prepared.tokenizer),
@@ -282,7 +302,7 @@ def measure(model, prepared: PreparedData, recipe: Recipe, sample: dict | None, 
 def describe_run(recipe: Recipe, target: Target, prepared: PreparedData, base_files: dict[str, str],
                  loaded: LoadedModel, trainable_sha256: str, trained: Trained, engine: Engine, before: Measured,
                  after: Measured, sample: dict | None, *, started_at: str, clock: float,
-                 egress: object = None) -> RunRecord:
+                 egress: object = None, start_files: dict[str, str] | None = None) -> RunRecord:
     """The record of the run as trained. Its adapter digest (and signature) come once the adapter folder is final
     (finish.seal_adapter): until then the digest is empty."""
     from .checkpoints import checkpoint_step
@@ -293,6 +313,8 @@ def describe_run(recipe: Recipe, target: Target, prepared: PreparedData, base_fi
         recipe_digest=recipe.digest(), seed=recipe.train.seed,
         base_model=BaseModelRef(path=str(prepared.folder.path), architecture=prepared.folder.architecture,
                                 files=base_files),
+        start_adapter=AdapterRef(path=str(prepared.start_adapter), files=start_files or {})
+        if prepared.start_adapter else None,
         data=DataRefs.model_validate(_data_summary(prepared)),
         tokens=TokenRefs(train=prepared.train.stats, eval=prepared.eval.stats if prepared.eval else None),
         parameters=Parameters(trainable=loaded.trainable, total=loaded.total, trainable_sha256=trainable_sha256),

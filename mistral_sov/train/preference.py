@@ -1,9 +1,12 @@
-"""Preference tuning (DPO): the loss as plain functions, the pair collator, the Trainer's loss and the held-out measure.
+"""Preference tuning (DPO, ORPO): the losses as plain functions, the pair collator, the Trainer's loss and the held-out
+measure.
 
-The reference model is the base with the LoRA adapter switched off (PEFT's `disable_adapter()`): one copy of the
+The DPO reference model is the base with the LoRA adapter switched off (PEFT's `disable_adapter()`): one copy of the
 weights serves as both policy and reference, so DPO costs no more memory than SFT plus a forward pass without
-gradients. The definitions follow TRL's `DPOTrainer` (tests/test_preference.py compares with values recorded from
-TRL by bench/record_trl_dpo.py):
+gradients. A run that starts from an adapter (`model.adapter`) holds it twice, as the policy and as a frozen second
+adapter named "reference" (TRL's `ref_adapter_name`): still one copy of the base. The definitions follow TRL's
+`DPOTrainer` and `ORPOTrainer` (tests/test_preference.py and tests/test_orpo.py compare with values recorded from
+TRL by bench/record_trl_dpo.py and bench/record_trl_orpo.py):
 
 - a sequence's log-probability is the sum over its answer tokens (labels other than -100) of log p(token);
 - rewards are beta · (policy − reference) log-probabilities, for the chosen and the rejected answer;
@@ -12,6 +15,11 @@ TRL by bench/record_trl_dpo.py):
 - ipo: (Δ̄ − 1/(2·beta))², Δ̄ taken with each answer's log-ratio divided by its number of answer tokens, as TRL
   normalises it (the IPO authors' form);
 - the batch loss is the mean over pairs.
+
+ORPO (Hong et al. 2024) needs no reference: loss = NLL of the chosen answers (token mean over the batch) − beta ·
+mean log σ(log odds), log odds = (lc − lr) − (log(1 − e^lc) − log(1 − e^lr)) with l the mean log-probability of an
+answer's tokens; rewards are beta · l. TRL 1.16's NLL also counts the prompt tokens; msov's counts the answer tokens
+only, as its SFT does (the odds-ratio term is TRL's exactly).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 LOSS_TYPES = ("sigmoid", "ipo")
+PREFERENCE_METHODS = ("dpo", "orpo")  # the train.method values that learn from preference pairs
+REFERENCE_ADAPTER = "reference"  # a start adapter's frozen copy: the DPO reference of a run from model.adapter
 IGNORE = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels")  # what a collated batch hands the model; the rest is ours
 
@@ -72,40 +82,117 @@ def preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_
                           rejected_rewards=beta * rejected_ratio.detach())
 
 
+@dataclass
+class OddsRatioLoss(PreferenceLoss):
+    """ORPO: `losses` is each pair's odds-ratio term, −beta·log σ(log odds); `nll` the chosen answers' NLL."""
+
+    nll: object = None
+    log_odds: object = None  # per pair
+    log_sigmoid: object = None  # log σ(log odds), per pair
+
+    @property
+    def loss(self):
+        return self.nll + self.losses.mean()
+
+
+def log1mexp(x):
+    """log(1 − e^x) for x < 0, without cancellation: the branch at −log 2 that TRL's ORPO (and Mächler 2012) uses."""
+    import torch
+
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def odds_ratio_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, *,
+                    beta: float = 0.1) -> OddsRatioLoss:
+    """The ORPO loss of a batch of pairs from their summed answer log-probabilities and answer token counts
+    (tensors of shape [pairs]). The NLL is the token mean over every chosen answer of the batch (the Trainer's SFT
+    loss of the chosen rows); the odds ratio compares answers by their mean per-token log-probability."""
+    import torch.nn.functional as F
+
+    chosen_tokens, rejected_tokens = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+    nll = -policy_chosen.sum() / chosen_tokens.sum()
+    chosen, rejected = (policy_chosen / chosen_tokens).float(), (policy_rejected / rejected_tokens).float()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    log_sigmoid = F.logsigmoid(log_odds)
+    return OddsRatioLoss(losses=-beta * log_sigmoid, chosen_rewards=beta * chosen.detach(),
+                         rejected_rewards=beta * rejected.detach(), nll=nll, log_odds=log_odds.detach(),
+                         log_sigmoid=log_sigmoid.detach())
+
+
+def batch_loss(model, batch: dict, settings) -> tuple:
+    """(loss result, policy chosen, policy rejected log-probabilities) of a collated batch of pairs under the
+    preference objective of `settings` (a TrainSection, or anything with method, beta, loss_type, label_smoothing)."""
+    if objective(settings) == "orpo":  # no reference pass at all
+        policy, tokens = sequence_logps(model, batch)
+        pc, pr = policy.chunk(2)
+        return odds_ratio_loss(pc, pr, *tokens.chunk(2), beta=settings.beta), pc, pr
+    pc, pr, rc, rr, nc, nr = pair_logps(model, batch)
+    result = preference_loss(pc, pr, rc, rr, beta=settings.beta, loss_type=settings.loss_type,
+                             label_smoothing=settings.label_smoothing, chosen_tokens=nc, rejected_tokens=nr)
+    return result, pc, pr
+
+
+def objective(settings) -> str:
+    """dpo or orpo: the preference objective `settings` names (its method)."""
+    return "orpo" if settings.method == "orpo" else "dpo"
+
+
 def sequence_logps(model, batch: dict):
     """(summed log-probability of each row's supervised tokens, number of them), both of shape [rows].
 
-    Only the positions that predict a supervised token go through the LM head (`supervised_logits`), then each
-    position's log-probability is added to its row."""
+    The LM head and log-softmax run only at the positions that predict a supervised token, a chunk of them at a
+    time (`supervised_token_logps`: no [tokens, vocab] tensor), then each position's log-probability is added to
+    its row."""
     import torch
-    import torch.nn.functional as F
 
-    from .logits import supervised_logits
+    from .logits import supervised_token_logps
 
-    labels = batch["labels"]
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    rows = (targets != IGNORE).nonzero()[:, 0]
-    outputs, kept = supervised_logits(model, {k: v for k, v in batch.items() if k in MODEL_INPUTS})
-    logps = -F.cross_entropy(outputs.logits.float(), kept, reduction="none")
-    sums = torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    counts = torch.bincount(rows, minlength=labels.size(0)).to(logps.dtype)
+    logps, _, keep = supervised_token_logps(model, {k: v for k, v in batch.items() if k in MODEL_INPUTS})
+    rows = keep.nonzero()[:, 0]  # row-major: the order boolean indexing gives logps
+    sums = torch.zeros(keep.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    counts = torch.bincount(rows, minlength=keep.size(0)).to(logps.dtype)
     return sums, counts
 
 
-@contextmanager
-def reference_model(model):
-    """The model as the reference: the base with the adapter switched off, without gradients. `model` may be
-    wrapped (DDP, torch.compile): the adapter is switched off on the PEFT model inside, and the caller still runs
-    the wrapper."""
-    import torch
-
+def _peft_inside(model):
     inner = model
     for wrapper in ("module", "_orig_mod"):  # DDP, torch.compile
         inner = getattr(inner, wrapper, inner)
     if not hasattr(inner, "disable_adapter"):
         raise TypeError("preference training needs a PEFT model: its reference is the base with the adapter off")
-    with torch.no_grad(), inner.disable_adapter():
-        yield
+    return inner
+
+
+@contextmanager
+def reference_model(model):
+    """The model as the reference, without gradients: the base with the adapter switched off, or, for a run that
+    started from an adapter, that adapter's frozen copy (REFERENCE_ADAPTER) switched in, as TRL does with
+    `ref_adapter_name`. `model` may be wrapped (DDP, torch.compile): the switch happens on the PEFT model inside,
+    and the caller still runs the wrapper."""
+    import torch
+
+    inner = _peft_inside(model)
+    if REFERENCE_ADAPTER not in inner.peft_config:
+        with torch.no_grad(), inner.disable_adapter():
+            yield
+        return
+    policy = inner.active_adapter
+    # set_adapter hands requires_grad to the active adapter: inference_mode keeps the reference frozen, and the
+    # switch back gives the policy its gradients again before any backward pass (under no_grad none is recorded).
+    inner.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        inner.set_adapter(policy)
+
+
+def drop_reference(model) -> None:
+    """Remove the reference adapter (if any) once training and measuring are done: the published adapter folder
+    holds the policy alone."""
+    inner = _peft_inside(model)
+    if REFERENCE_ADAPTER in inner.peft_config:
+        inner.delete_adapter(REFERENCE_ADAPTER)
 
 
 def pair_logps(model, batch: dict) -> tuple:
@@ -157,19 +244,21 @@ def preference_trainer_class(base, settings):
             self._pending = {"train": {}, "eval": {}}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            pc, pr, rc, rr, nc, nr = pair_logps(model, inputs)
-            result = preference_loss(pc, pr, rc, rr, beta=settings.beta, loss_type=settings.loss_type,
-                                     label_smoothing=settings.label_smoothing, chosen_tokens=nc, rejected_tokens=nr)
+            result, pc, pr = batch_loss(model, inputs, settings)
             self._remember("train" if model.training else "eval", result, pc, pr)
             # No logits to hand on (prediction_loss_only): an empty dict is what the Trainer's evaluation expects.
             return (result.loss, {}) if return_outputs else result.loss
 
         def _remember(self, mode: str, result: PreferenceLoss, pc, pr) -> None:
             gather = self.accelerator.gather_for_metrics
-            for name, value in (("rewards/chosen", result.chosen_rewards),
-                                ("rewards/rejected", result.rejected_rewards), ("rewards/margins", result.margins),
-                                ("rewards/accuracies", result.accuracies), ("logps/chosen", pc.detach()),
-                                ("logps/rejected", pr.detach())):
+            values = [("rewards/chosen", result.chosen_rewards), ("rewards/rejected", result.rejected_rewards),
+                      ("rewards/margins", result.margins), ("rewards/accuracies", result.accuracies),
+                      ("logps/chosen", pc.detach()), ("logps/rejected", pr.detach())]
+            if isinstance(result, OddsRatioLoss):  # as TRL's ORPOTrainer logs them (means over the batches)
+                values += [("nll_loss", result.nll.detach().reshape(1)),
+                           ("log_odds_ratio", result.log_sigmoid.mean().reshape(1)),
+                           ("log_odds_chosen", result.log_odds.mean().reshape(1))]
+            for name, value in values:
                 self._pending[mode].setdefault(name, []).append(gather(value.float()).detach().cpu())
 
         def log(self, logs, *args, **kwargs):
@@ -185,31 +274,44 @@ def preference_trainer_class(base, settings):
 
 
 def preference_evaluation(model, dataset, *, pad_token_id: int, beta: float, loss_type: str = "sigmoid",
-                          label_smoothing: float = 0.0, batch_size: int = 8) -> dict:
-    """Held-out DPO loss, mean reward margin and accuracy (chosen rewarded above rejected) over every pair."""
+                          label_smoothing: float = 0.0, batch_size: int = 8, method: str = "dpo") -> dict:
+    """Held-out loss, mean reward margin and accuracy (chosen rewarded above rejected) over every pair. The DPO
+    loss is the mean over pairs; ORPO's NLL the token mean over every chosen answer, plus its mean odds-ratio term."""
+    from types import SimpleNamespace
+
     import torch
 
+    settings = SimpleNamespace(method=method, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     collate = PairCollator(pad_token_id)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    losses, margins, accuracies, tokens = [], [], [], 0
+    losses, margins, accuracies, tokens, nll_sum, chosen_tokens = [], [], [], 0, 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             batch = {k: v.to(device) for k, v in batch.items()}
-            pc, pr, rc, rr, nc, nr = pair_logps(model, batch)
-            result = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
-                                     label_smoothing=label_smoothing, chosen_tokens=nc, rejected_tokens=nr)
+            result, _, _ = batch_loss(model, batch, settings)
+            counts = (_targets(batch["labels"]) != IGNORE).sum(dim=1)
             losses.append(result.losses)
             margins.append(result.margins)
             accuracies.append(result.accuracies)
-            tokens += int(nc.sum() + nr.sum())
+            tokens += int(counts.sum())
+            if isinstance(result, OddsRatioLoss):
+                chosen = int(counts.chunk(2)[0].sum())
+                nll_sum, chosen_tokens = nll_sum + result.nll.item() * chosen, chosen_tokens + chosen
     if was_training:
         model.train()
-    loss = torch.cat(losses).mean().item()
+    loss = torch.cat(losses).mean().item() + (nll_sum / max(chosen_tokens, 1) if chosen_tokens else 0.0)
     return {"loss": loss, "reward_accuracy": torch.cat(accuracies).mean().item(),
             "reward_margin": torch.cat(margins).mean().item(), "tokens": tokens}
+
+
+def _targets(labels):
+    """The next-token targets of a batch's labels (the label at each position's successor; -100 past the end)."""
+    import torch.nn.functional as F
+
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
 def with_reference_logps(model, dataset, *, pad_token_id: int, batch_size: int = 8):

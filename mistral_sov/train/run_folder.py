@@ -45,7 +45,7 @@ def refuse_overlapping_inputs(recipe: Recipe, out_dir: Path, work_dir: Path) -> 
     """Whatever the flags: --overwrite must never delete the base model or a data file."""
     from ..guard.paths import refuse_overlap
 
-    inputs = [recipe.model.path, *(f.path for f in recipe.data.train + recipe.data.eval)]
+    inputs = [recipe.model.path, recipe.model.adapter, *(f.path for f in recipe.data.train + recipe.data.eval)]
     for target in (out_dir, work_dir, out_dir.with_name(out_dir.name + ".lock")):
         refuse_overlap(target, inputs, what="output.dir")
 
@@ -156,13 +156,14 @@ def check_same_recipe(recipe: Recipe, saved: Path) -> None:
                       if (s, k) not in RESUMABLE_FIELDS and old.get((s, k)) != new.get((s, k))})
     if changed:
         raise InputError(f"--resume: the recipe differs from the unfinished run's ({', '.join(changed)}).",
-                         hint="Resume with the same recipe (only the run length, output.sign_key and what is logged may "
-                              "change).")
+                         hint="Resume with the same recipe (only the run length, output.sign_key and what is logged "
+                              "may change).")
 
 
 def check_same_inputs(record_path: Path, record: dict, *, resume: bool) -> None:
     """The bytes a run trains on are recorded when it starts; --resume refuses if any of them changed since, as
-    the earlier steps saw the old ones (data files by position, base-model files by name: tokenizer included)."""
+    the earlier steps saw the old ones (data files by position, base-model and start-adapter files by name:
+    tokenizer included)."""
     if not resume or not record_path.is_file():  # a fresh run, or one checkpointed before inputs were recorded
         write_atomic(record_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
         return
@@ -178,6 +179,9 @@ def check_same_inputs(record_path: Path, record: dict, *, resume: bool) -> None:
     old_base, new_base = old.get("base_model", {}), record["base_model"]
     pairs += [(f"base model file '{name}'", old_base.get(name), new_base.get(name))
               for name in sorted(old_base.keys() | new_base.keys())]
+    old_start, new_start = old.get("start_adapter") or {}, record.get("start_adapter") or {}
+    pairs += [(f"start adapter file '{name}' (model.adapter)", old_start.get(name), new_start.get(name))
+              for name in sorted(old_start.keys() | new_start.keys())]
     changed = [(what, a, b) for what, a, b in pairs if a != b]
     if changed:
         what, a, b = changed[0]
@@ -197,19 +201,25 @@ def start_afresh(target: Target, *, resume: bool, on_event: EventSink) -> None:
     target.work_dir.mkdir(parents=True)
 
 
-def record_inputs(target: Target, base_model: Path, data_files: list, *, main: bool,
-                  on_event: EventSink) -> dict[str, str]:
-    """Hash the base model's files and record them with the data files' digests in inputs.json, or, when
-    resuming, check they are the ones recorded. Returns the base model's {file name: sha256}."""
-    from ..trust.hashing import digest_folder
+def record_inputs(target: Target, base_model: Path, data_files: list, *, main: bool, on_event: EventSink,
+                  start_adapter: Path | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Hash the base model's files (and the start adapter's, model.adapter) and record them with the data files'
+    digests in inputs.json, or, when resuming, check they are the ones recorded. Returns the base model's and the
+    start adapter's {file name: sha256} ({} without one)."""
+    from ..model.load import START_ADAPTER_FILES
+    from ..trust.hashing import digest_folder, hash_files
     from .ranks import all_ranks_agree
 
     on_event("stage", {"text": "hashing base model"})
     base_digests = digest_folder(base_model)
+    start = dict(zip(START_ADAPTER_FILES, hash_files([start_adapter / n for n in START_ADAPTER_FILES]))) \
+        if start_adapter is not None else {}
     inputs = {"data": [[str(f.path), f.sha256] for f in data_files], "base_model": base_digests}
+    if start:  # absent otherwise: inputs.json of a fresh-adapter run reads as before
+        inputs["start_adapter"] = start
     all_ranks_agree(lambda: check_same_inputs(target.work_dir / "inputs.json", inputs,
                                               resume=target.checkpoint is not None) if main else None)
-    return base_digests
+    return base_digests, start
 
 
 def ready_to_train(target: Target, recipe: Recipe, on_event: EventSink) -> list[dict]:

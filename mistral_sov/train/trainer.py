@@ -15,7 +15,7 @@ from ..errors import InputError, Interrupted
 from ..events import EventSink
 from ..recipe import TrainSection
 from .checkpoints import check_resumable, keep_newest, mark_complete
-from .logits import supervised_logits
+from .logits import supervised_logits, supervised_token_logps  # noqa: F401 - supervised_logits: tests read it here
 from .ranks import all_ranks_agree
 
 
@@ -66,7 +66,10 @@ def training_arguments(train: TrainSection, checkpoint_dir: Path, *, has_eval: b
         fp16=train.dtype == "fp16",
         use_cpu=not on_cuda,
         gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        # Offloading needs the reentrant form: it saves each layer's input through autograd's saved-tensor hooks,
+        # which `offloaded_activations` moves to host memory; the non-reentrant form keeps it in a closure.
+        gradient_checkpointing_kwargs=({"use_reentrant": train.offload_activations}
+                                       if train.gradient_checkpointing else None),
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -142,11 +145,73 @@ def tensorboard_callback(log_dir: Path):
     return callback
 
 
-def _trainer_class():
+@contextmanager
+def offloaded_activations(enabled: bool):
+    """While the forward pass runs, tensors autograd saves on a CUDA device go to pinned host memory and come back
+    when backward needs them. With reentrant checkpointing those are each layer's input (the layer itself saves
+    nothing: it is recomputed). Both copies are asynchronous on the compute stream: the host never waits for the
+    device-to-host copy, and the copy back is queued ahead of the layer's recompute. On CPU there is nothing to move
+    (the plan counts the layer inputs in host memory either way)."""
+    import torch
+
+    if not enabled or not torch.cuda.is_available():
+        yield
+        return
+
+    def pack(tensor):
+        if tensor.device.type != "cuda" or tensor.numel() < 65536:  # small tensors are not worth a transfer
+            return tensor
+        host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return tensor.device, host
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def tile_mlps(model, chunk: int) -> int:
+    """Run each dense MLP block chunk-wise over the tokens, each chunk checkpointed; returns the blocks tiled.
+
+    Under gradient checkpointing a layer's recompute holds its MLP activations (gate, up, SiLU, LoRA inputs:
+    three quarters of a Mistral layer's) for every token at once; tiled, for `chunk` tokens. The MLP is per token,
+    so the result is the same (LoRA dropout draws its masks chunk by chunk). Rows of at most `chunk` tokens, and
+    every pass without gradients, run the block as it is; the module tree and its state dict are unchanged."""
+    from functools import partial
+
+    tiled = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("MLP") and all(hasattr(module, n) for n in ("gate_proj", "down_proj")):
+            if not isinstance(module.forward, partial):
+                module.forward = partial(_tiled_forward, module.forward, chunk)
+            tiled += 1
+    return tiled
+
+
+def _tiled_forward(forward, chunk: int, x):
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled() or x.shape[:-1].numel() <= chunk:
+        return forward(x)
+    flat = x.reshape(1, -1, x.shape[-1])
+    parts = [checkpoint(forward, part, use_reentrant=False) for part in flat.split(chunk, dim=1)]
+    return torch.cat(parts, dim=1).view(*x.shape[:-1], -1)
+
+
+def _trainer_class(settings: TrainSection | None = None):
     from transformers import Trainer
 
+    settings = settings or TrainSection()
+
     class SupervisedTrainer(Trainer):
-        """The Trainer, with the loss computed only at supervised positions (see `supervised_logits`)."""
+        """The Trainer, with the loss computed only at supervised positions, the LM head and loss in chunks (see
+        `supervised_token_logps`), checkpointed activations offloaded to host memory when asked."""
 
         # The loss below is divided by the supervised tokens of the whole accumulated batch, as HF's own is.
         loss_is_scaled_for_ga = True
@@ -157,10 +222,11 @@ def _trainer_class():
             self.model_accepts_loss_kwargs = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            import torch.nn.functional as F
-
-            outputs, targets = supervised_logits(model, inputs)
-            loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+            offload = settings.offload_activations and settings.gradient_checkpointing and model.training
+            with offloaded_activations(offload):
+                logps, targets, _ = supervised_token_logps(model, inputs, chunk=settings.loss_chunk)
+            loss = -logps.sum()  # the summed cross-entropy of the supervised tokens
+            outputs = {"token_logps": logps}
             if num_items_in_batch is None:
                 loss = loss / max(targets.numel(), 1)
                 if model.training:  # not normalised over the accumulated batch (training_step leaves it as is)
@@ -181,15 +247,17 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset, train: TrainSec
     from transformers import PrinterCallback
 
     args = training_arguments(train, work_dir / "checkpoints", has_eval=eval_dataset is not None, packing=packing)
+    if train.gradient_checkpointing:
+        tile_mlps(model, train.mlp_chunk)
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if train.method == "dpo":
+    if train.method in ("dpo", "orpo"):  # preference pairs: their collator and loss
         from transformers import Trainer
 
         from .preference import PairCollator, preference_trainer_class
 
         trainer_class, collator = preference_trainer_class(Trainer, train), PairCollator(tokenizer.pad_token_id)
     else:
-        trainer_class = _trainer_class()
+        trainer_class = _trainer_class(train)
         collator = make_train_collator(tokenizer, packing=packing, max_seq_len=train.max_seq_len,
                                        attn_implementation=attn)
     trainer = trainer_class(

@@ -1,11 +1,12 @@
 """What went into an output: an in-toto Statement with a SLSA v1 provenance predicate, kept inside the output
 folder (`msov/provenance.json`) so that the folder's one signature covers it.
 
-The subject is the weight files with their sha256; the predicate records the base model files and data files
-with their digests (resolvedDependencies), the resolved recipe and its digest and the seed (externalParameters),
-the library versions (builder.version), the machine (internalParameters), start and finish times (metadata), the
-final metrics, the training compute and the controls that ran (byproducts: metrics, compute, controls). It is built
-from the run's record (record.RunRecord, what run.json holds).
+The subject is the weight files with their sha256; the predicate records the base model files, the files of the
+adapter training started from (model.adapter) and the data files with their digests (resolvedDependencies), the
+resolved recipe and its digest and the seed (externalParameters), the library versions (builder.version), the
+machine (internalParameters), start and finish times (metadata), the final metrics, the training compute and the
+controls that ran (byproducts: metrics, compute, controls). It is built from the run's record (record.RunRecord, what
+run.json holds).
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ def explain(doc: dict) -> dict:
         "base_model": {**(external.get("base_model") or {}),
                        "files": [{"name": d["name"].split("/", 1)[-1], "sha256": d["digest"]["sha256"]}
                                  for d in deps if role(d) == "base_model"]},
+        # the adapter training started from (model.adapter): its files by path and digest; [] for a fresh adapter
+        "start_adapter": [{"path": unquote(d.get("uri", "").removeprefix("file://")), "sha256": d["digest"]["sha256"]}
+                          for d in deps if role(d) == "start_adapter"],
         "datasets": [{"path": unquote(d.get("uri", "").removeprefix("file://")), "sha256": d["digest"]["sha256"],
                       **{k: v for k, v in (d.get("annotations") or {}).items() if k != "role"}}
                      for d in deps if role(d) == "dataset"],
@@ -202,7 +206,8 @@ def hardware() -> dict:
 
 
 def _dependencies(record: RunRecord | None) -> list[dict]:
-    """in-toto ResourceDescriptors of every input file: base model files, then each dataset file."""
+    """in-toto ResourceDescriptors of every input file: base model files, the start adapter's files (model.adapter),
+    then each dataset file."""
     if record is None:
         return []
     deps = []
@@ -210,6 +215,10 @@ def _dependencies(record: RunRecord | None) -> list[dict]:
     for name, digest in sorted(record.base_model.files.items()):
         deps.append({"name": f"base_model/{name}", "uri": _uri(Path(base_path) / name) if base_path else None,
                      "digest": {"sha256": digest}, "annotations": {"role": "base_model"}})
+    start = record.start_adapter
+    for name, digest in sorted(start.files.items()) if start else ():
+        deps.append({"name": f"start_adapter/{name}", "uri": _uri(Path(start.path) / name),
+                     "digest": {"sha256": digest}, "annotations": {"role": "start_adapter"}})
     for split, files in (("train", record.data.train), ("eval", record.data.eval)):
         for item in files:
             deps.append({"name": f"data/{split}/{Path(item.path).name}", "uri": _uri(Path(item.path)),
