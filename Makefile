@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.msov-setup
 # torch is installed first, pinned, so nothing resolves a bare `torch` to the CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-profile bench-gpu clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,19 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=25
 
+# The TRL arms run only where trl imports: BENCH_PY=/path/to/a/venv-with-trl/bin/python (see bench/throughput.py).
+BENCH_PY ?= $(BIN)/python
+
 bench: setup
-	$(BIN)/python bench/throughput.py
+	$(BENCH_PY) bench/throughput.py
+
+# Where one msov training step spends its time (torch.profiler, CPU), by op family.
+bench-profile: setup
+	$(BIN)/python bench/profile_step.py
+
+# On a machine with a CUDA GPU: builds its own venv, results in $$OUT (default ./gpu-results).
+bench-gpu:
+	bash bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

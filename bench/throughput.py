@@ -10,8 +10,14 @@ tokens and the same number of optimizer steps. Arms:
   baseline   transformers.Trainer + PEFT, DataCollatorForSeq2Seq padding to the longest row of each batch
   trl        TRL's SFTTrainer with its defaults (prompt-completion rows; float32 like the others), only where
              `trl` is importable (it is not a dependency of msov: install it in a separate venv to run this arm)
+  trl_packed TRL's SFTTrainer with packing=True (its default "bfd" strategy, which is padding-free): the best peer
+             a well-read user would pick; float32, same LoRA, same rows. TRL packs the rows into max_seq_len
+             blocks before training; its batch is --trl-packs-per-step blocks (1: about the rows of the others'
+             batch, so about as many optimizer steps)
   msov       mistral_sov.train.trainer.build_trainer with msov's defaults (packing on)
   (ablations, with --arms: packing_only = the baseline with msov's packed batches but logits everywhere;
+   msov_rowattn = the msov arm with attention computed row by row inside each packed bin
+   (mistral_sov.data.packing.packed_sdpa_attention) instead of SDPA over a dense block-diagonal mask;
    --msov-no-packing = the msov arm with data.packing off, i.e. length-grouped padded batches)
 
 Each arm runs in its own process (so its peak RSS is its own) and the arms take turns step by step: on a shared
@@ -31,6 +37,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import queue
 import random
 import resource
@@ -167,7 +174,7 @@ def build_packing_only(work: Path, args, dataset, tokenizer):
     return trainer
 
 
-def build_msov(work: Path, args, dataset, tokenizer):
+def build_msov(work: Path, args, dataset, tokenizer, row_attention: bool = False):
     from transformers import set_seed
 
     from mistral_sov.model.load import attach_lora, inspect_model_folder, load_model
@@ -177,7 +184,12 @@ def build_msov(work: Path, args, dataset, tokenizer):
     set_seed(args.seed)  # as `msov finetune` does before loading the model
     folder = inspect_model_folder(str(work / "model"))
     lora = LoraSection() if args.lora_dropout is None else LoraSection(dropout=args.lora_dropout)
-    model = attach_lora(load_model(folder, ModelSection(path=str(folder.path))), lora)
+    base = load_model(folder, ModelSection(path=str(folder.path)))
+    if row_attention:
+        from mistral_sov.data.packing import register_packed_attention
+
+        base.set_attn_implementation(register_packed_attention())
+    model = attach_lora(base, lora)
     train = TrainSection(batch_size=args.batch_size, lr=args.lr, max_seq_len=args.max_seq_len, seed=args.seed,
                          logging_steps=1, save_steps=10 ** 9)
     (work / "out-msov").mkdir(exist_ok=True)
@@ -185,31 +197,49 @@ def build_msov(work: Path, args, dataset, tokenizer):
                          packing=not args.msov_no_packing)
 
 
-def build_trl(work: Path, args, dataset, tokenizer):
+def build_msov_rowattn(work: Path, args, dataset, tokenizer):
+    return build_msov(work, args, dataset, tokenizer, row_attention=True)
+
+
+def prompt_completion_pairs(rows: list[dict], tokenizer) -> list[dict]:
+    """The same conversations as prompt + completion text, so that TRL's default completion-only loss applies."""
+    from mistral_sov.data import render_prompt
+
+    pairs = []
+    for row in rows:
+        prompt = render_prompt(row["messages"][:-1], tokenizer)
+        full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        pairs.append({"prompt": prompt, "completion": full[len(prompt):]})
+    return pairs
+
+
+def build_trl(work: Path, args, dataset, tokenizer, packing: bool = False):
     import datasets
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from mistral_sov.data import render_prompt
-
-    # The same conversations as prompt + completion text, so that TRL's default completion-only loss applies.
     rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
-    pairs = []
-    for row in rows:
-        prompt = render_prompt(row["messages"][:-1], tokenizer)
-        full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
-        pairs.append({"prompt": prompt, "completion": full[len(prompt):]})
+    pairs = prompt_completion_pairs(rows, tokenizer)
     set_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     # TRL's defaults, except float32 like every other arm (its default on CPU is bf16 autocast, other numbers).
-    config = SFTConfig(**_args_common(args, work / "out-trl"), max_length=args.max_seq_len, bf16=False)
+    # packing=True takes TRL's default strategy, "bfd", which turns padding_free on.
+    common = _args_common(args, work / ("out-trl-packed" if packing else "out-trl"))
+    if packing:  # a batch of packs, each up to max_seq_len tokens (see --trl-packs-per-step)
+        common["per_device_train_batch_size"] = args.trl_packs_per_step
+    config = SFTConfig(**common, max_length=args.max_seq_len, bf16=False, packing=packing)
     return SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(pairs),
                       processing_class=tokenizer, peft_config=_lora(LoraConfig, args.lora_dropout))
 
 
-BUILDERS = {"baseline": build_baseline, "trl": build_trl, "packing_only": build_packing_only, "msov": build_msov}
+def build_trl_packed(work: Path, args, dataset, tokenizer):
+    return build_trl(work, args, dataset, tokenizer, packing=True)
+
+
+BUILDERS = {"baseline": build_baseline, "trl": build_trl, "trl_packed": build_trl_packed,
+            "packing_only": build_packing_only, "msov": build_msov, "msov_rowattn": build_msov_rowattn}
 
 
 def _supervised_in_row(feature: dict) -> int:
@@ -245,7 +275,11 @@ def run_arm(arm: str, index: int, work: str, args, turns, done, barrier, results
         counts["processed"] += batch["input_ids"].numel()
         for f in features:  # TRL's features are its own tokenisation; count what each arm really trains on
             counts["real"] += len(f["input_ids"])
-            counts["rows"].append((len(f["input_ids"]), _supervised_in_row(f)))
+            if "seq_lengths" in f:  # a TRL pack: its rows attend within themselves (the FLOPs need the lengths)
+                lengths = list(f["seq_lengths"])
+                counts["rows"] += [(lengths[0], _supervised_in_row(f))] + [(n, 0) for n in lengths[1:]]
+            else:
+                counts["rows"].append((len(f["input_ids"]), _supervised_in_row(f)))
         return batch
 
     trainer.data_collator = counting_collator
@@ -293,8 +327,8 @@ def run_arm(arm: str, index: int, work: str, args, turns, done, barrier, results
 # --- main --------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The model, data and training options shared with bench/profile_step.py (the same workload in both)."""
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=1024)
@@ -307,12 +341,23 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lora-dropout", type=float, default=None,
                         help="default: msov's (0.05); 0 makes packed and padded runs step-for-step identical")
-    parser.add_argument("--arms", default="baseline,trl,msov", help="comma-separated: " + ", ".join(BUILDERS))
     parser.add_argument("--msov-no-packing", action="store_true", help="msov arm without packing (ablation)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per arm and for the matmul peak (0: torch's default). 1 by default: "
                              "the arms alternate anyway, and on a machine shared with other jobs a descheduled "
                              "thread stalls every multi-threaded op, which distorts the ratios")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = add_workload_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    parser.add_argument("--arms", default="baseline,trl,trl_packed,msov",
+                        help="comma-separated: " + ", ".join(BUILDERS))
+    parser.add_argument("--trl-packs-per-step", type=int, default=1,
+                        help="trl_packed's batch, in packs of up to max_seq_len tokens: 1 pack holds about as many "
+                             "rows as the other arms' batch of 8 (~10 rows of median 58 tokens), so the arms take "
+                             "about as many optimizer steps and their losses compare; 8 packs per step means 8x "
+                             "fewer steps and a flattened 8k-token sequence under one dense SDPA mask")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -324,12 +369,12 @@ def main(argv=None) -> int:
 
     datasets.disable_progress_bars()
     arms = [a for a in args.arms.split(",") if a]
-    if "trl" in arms:
+    if any(a.startswith("trl") for a in arms):
         try:
             import trl  # noqa: F401
         except ImportError:
-            print("trl is not installed here: the TRL arm is skipped (install it in a separate venv to run it)")
-            arms.remove("trl")
+            print("trl is not installed here: the TRL arms are skipped (install it in a separate venv to run them)")
+            arms = [a for a in arms if not a.startswith("trl")]
     with tempfile.TemporaryDirectory(prefix="msov-bench-") as tmp:
         work = Path(tmp)
         started = time.perf_counter()
@@ -395,23 +440,28 @@ def report(out: dict, arms: list[str], stats: dict, config, n_params: int, peak:
 
     print(f"torch threads per arm: {args.threads or torch.get_num_threads()}")
     print(f"float32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"{'arm':<10}{'sup tok/s':>11}{'ratio':>8}{'padding':>9}{'RSS MB':>9}{'loss':>9}{'last20%':>9}"
-          f"{'MFU':>8}{'steps':>7}{'time s':>8}")
+    packed = out.get("trl_packed")
+    print(f"{'arm':<13}{'sup tok/s':>10}{'ratio':>8}{'vs TRL pk':>10}{'padding':>9}{'RSS MB':>8}{'loss':>8}"
+          f"{'last20%':>9}{'MFU':>7}{'steps':>7}{'time s':>8}")
     results = {}
     for arm in arms:
         r = out[arm]
         rate = r["supervised_tokens"] / r["seconds"]
         flops = model_flops(config, r["trainable"], r["rows"])
         row = {"supervised_tokens_per_s": rate, "ratio_to_baseline": rate / (base["supervised_tokens"]
-               / base["seconds"]) if base else None, "padding_share": 1 - r["real_tokens"] / r["processed_tokens"],
+               / base["seconds"]) if base else None,
+               "ratio_to_trl_packed": rate / (packed["supervised_tokens"] / packed["seconds"]) if packed else None,
+               "padding_share": 1 - r["real_tokens"] / r["processed_tokens"],
                "mfu": flops / r["seconds"] / peak, **{k: v for k, v in r.items() if k != "rows"}}
         results[arm] = row
         ratio = f"{row['ratio_to_baseline']:.2f}x" if base else "-"
-        print(f"{arm:<10}{rate:>11.0f}{ratio:>8}{row['padding_share']:>9.0%}{r['peak_rss_mb']:>9.0f}"
-              f"{r['train_loss']:>9.4f}{r['last_20pct_loss']:>9.4f}{row['mfu']:>8.1%}{r['steps']:>7}"
+        vs_packed = f"{row['ratio_to_trl_packed']:.2f}x" if packed else "-"
+        print(f"{arm:<13}{rate:>10.0f}{ratio:>8}{vs_packed:>10}{row['padding_share']:>9.0%}{r['peak_rss_mb']:>8.0f}"
+              f"{r['train_loss']:>8.4f}{r['last_20pct_loss']:>9.4f}{row['mfu']:>7.1%}{r['steps']:>7}"
               f"{r['seconds']:>8.1f}")
     tokens = ", ".join(f"{a} {out[a]['supervised_tokens']}" for a in arms)
-    print(f"\n(supervised tokens trained: {tokens}; bench wall time {wall:.0f} s)")
+    print(f"\n(supervised tokens trained: {tokens}; bench wall time {wall:.0f} s; load average at the end "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs)")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "data": stats,
                                          "parameters": n_params, "matmul_peak_flops": peak,

@@ -210,3 +210,61 @@ def test_training_arguments_group_lengths_only_without_packing_and_never_cache(t
     assert training_arguments(train, tmp_path, has_eval=False).use_cache is False
     off = TrainSection(group_by_length=False)
     assert training_arguments(off, tmp_path, has_eval=False, packing=False).train_sampling_strategy == "random"
+
+
+# --- attention row by row inside a bin (no dense block-diagonal mask) -------------------------------------------
+
+
+def test_row_spans_split_bins_where_positions_restart():
+    import torch
+
+    from mistral_sov.data.packing import row_spans
+
+    assert row_spans(torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 0, 1, 2, 0]])) == [[(0, 6)], [(0, 2), (2, 5), (5, 6)]]
+    assert row_spans(torch.tensor([[3, 4, 5]])) == [[(0, 3)]]  # a continuing sequence is one row
+
+
+def test_row_attention_equals_the_dense_mask_in_losses_and_gradients(tiny_model, rows):
+    """`packed_sdpa_attention` (SDPA row by row, causal, unmasked) gives the per-row losses of each row alone and
+    the gradients of SDPA over the block-diagonal mask (fp32, 1e-5)."""
+    import torch
+
+    from mistral_sov.data.packing import register_packed_attention
+
+    batch_rows, pad = rows
+    name = register_packed_attention()
+    assert register_packed_attention() == name  # idempotent
+    dense, by_row = load(tiny_model, "sdpa"), load(tiny_model, name)
+    collate = PackingCollator(pad_token_id=pad, max_seq_len=CAPACITY)
+    batch = collate(batch_rows)
+    with torch.no_grad():
+        alone = {i: per_row(supervised_token_losses(by_row, collate([row])), [row], [0])[0]
+                 for i, row in enumerate(batch_rows)}
+    order = [i for members in packed_layout([len(r["input_ids"]) for r in batch_rows], CAPACITY) for i in members]
+    losses = {}
+    for label, model in (("dense", dense), ("by_row", by_row)):
+        token_losses = supervised_token_losses(model, batch)
+        token_losses.mean().backward()
+        losses[label] = per_row(token_losses.detach(), batch_rows, order)
+    assert max(abs(losses["by_row"][i] - alone[i]) for i in alone) < 1e-5
+    assert max(abs(losses["by_row"][i] - losses["dense"][i]) for i in alone) < 1e-5
+    for (n, a), (_, b) in zip(dense.named_parameters(), by_row.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_row_attention_is_plain_sdpa_on_padded_batches(tiny_model, rows):
+    """Without restarting positions (a padded, unpacked batch with its attention mask) it is SDPA as it was."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from mistral_sov.data.packing import register_packed_attention
+    from mistral_sov.model.load import inspect_model_folder, load_tokenizer
+
+    batch_rows, _ = rows
+    tokenizer = load_tokenizer(inspect_model_folder(str(tiny_model)))
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")(
+        [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in batch_rows[:4]])
+    dense, by_row = load(tiny_model, "sdpa"), load(tiny_model, register_packed_attention())
+    with torch.no_grad():
+        a, b = supervised_token_losses(dense, batch), supervised_token_losses(by_row, batch)
+    assert torch.equal(a, b)

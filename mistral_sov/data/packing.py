@@ -89,3 +89,59 @@ class PackingCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(positions, dtype=torch.long),
         }
+
+
+# --- attention within each row of a packed bin -------------------------------------------------------------------
+
+PACKED_ATTENTION = "msov_packed_sdpa"
+
+
+def row_spans(position_ids) -> list[list[tuple[int, int]]]:
+    """(start, end) of each row in each bin: a row starts wherever a position does not follow the one before."""
+    import torch
+
+    starts = torch.diff(position_ids, dim=-1) != 1  # starts[:, t] is True when a row starts at t + 1
+    spans = []
+    width = position_ids.shape[1]
+    for bin_starts in starts.tolist():
+        begins = [0] + [t + 1 for t, s in enumerate(bin_starts) if s]
+        spans.append(list(zip(begins, begins[1:] + [width])))
+    return spans
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """SDPA run row by row inside each packed bin, causal and unmasked: the same result as SDPA with the
+    block-diagonal mask transformers builds from restarting `position_ids`, without its cost.
+
+    The dense mask makes every kernel (the CPU flash kernel included) compute all `width`² query-key pairs of a
+    bin, although only the rows' own causal triangles count: with short rows in a 1024-token bin that is most of
+    a small model's step. Without restarts (an unpacked batch, or generation with a cache) this is plain SDPA with
+    whatever mask transformers built, so padding and caches behave as with `sdpa`.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
+    if position_ids is None or q_len != key.shape[2] or q_len != position_ids.shape[-1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    spans = row_spans(position_ids.expand(query.shape[0], -1))
+    if all(len(bin_spans) == 1 for bin_spans in spans):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    out = []
+    for b, bin_spans in enumerate(spans):
+        rows = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                       None, is_causal=True, **kwargs)[0] for s, e in bin_spans]
+        out.append(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0])
+    return torch.cat(out, dim=0), None
+
+
+def register_packed_attention() -> str:
+    """Make `PACKED_ATTENTION` a name transformers accepts as `attn_implementation` (its masks are SDPA's);
+    returns the name. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    return PACKED_ATTENTION
