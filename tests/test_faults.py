@@ -58,6 +58,7 @@ def test_kill_9_then_resume_gives_the_same_adapter(tiny_model, tmp_path, uninter
 
 def test_ctrl_c_checkpoints_and_exits_130(tiny_model, tmp_path, uninterrupted_digest, cli):
     path = recipe_at(tiny_model, tmp_path, "stopped")
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
 
     def press_ctrl_c(kind, payload):
         if kind == "step" and payload["step"] == 6:
@@ -68,7 +69,7 @@ def test_ctrl_c_checkpoints_and_exits_130(tiny_model, tmp_path, uninterrupted_di
     assert err.value.exit_code == 130 and "interrupted at step 6" in err.value.message
     assert (tmp_path / "stopped.partial" / "checkpoints" / "checkpoint-6" / "trainer_state.json").is_file()
     assert not (tmp_path / "stopped").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
     result = cli("finetune", path, "--resume")
     assert result.exit_code == 0, result.output

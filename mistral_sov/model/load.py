@@ -251,7 +251,8 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
         local_files_only=True,
         attn_implementation=section.attn_implementation,
     )
-    # Training never reuses a KV cache, and a cache breaks packed-row attention masks (tests/test_packing.py fails if this is lost).
+    # Training never reuses a KV cache, and a cache breaks packed-row attention masks (tests/test_packing.py fails
+    # if this is lost).
     model.config.use_cache = False
     if quantization:
         from peft import prepare_model_for_kbit_training

@@ -103,6 +103,8 @@ def _plain_head(model):
     if any(getattr(text, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale")):
         return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is None or any(type(p).__name__ == "DTensor" for p in head.parameters()):
-        return None  # FSDP2 reshards the head after the forward pass; the chunks would see shards
+    if head is None or any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in head.parameters()):
+        # FSDP2 reshards the head after the forward pass and ZeRO-3 partitions it: a chunk recomputed in backward
+        # would see a shard, not the weight its forward used (torch.utils.checkpoint refuses the mismatch).
+        return None
     return head
