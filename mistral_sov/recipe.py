@@ -27,7 +27,9 @@ class ModelSection(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     allow_pickle: bool = Field(False, description="allow pickle .bin weights (unsafe: runs code on load)")
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "msov_packed_sdpa"] = Field(
+        "sdpa", description="msov_packed_sdpa: SDPA row by row inside packed bins, with no [seq, seq] mask "
+        "(the same result as sdpa; memory linear in the rows, faster on CPU)")
     base_training_flops: Optional[float] = Field(
         None, gt=0, allow_inf_nan=False, description="the base model's pre-training compute in FLOPs (e.g. 2.5e24), "
         "as its provider states it: the run record gives the fine-tune's share of it")

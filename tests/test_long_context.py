@@ -97,12 +97,14 @@ def test_no_logits_tensor_over_all_supervised_tokens(tiny_model):
     assert saved and not [shape for shape in saved if vocab in shape]
 
 
-def _losses(tiny_model, tmp_path, name, write_recipe, quantization=None, **train):
+def _losses(tiny_model, tmp_path, name, write_recipe, quantization=None, attn=None, **train):
     from mistral_sov.recipe import load_recipe
     from mistral_sov.train.pipeline import finetune
 
     data = small_recipe(tiny_model, tmp_path / name, max_steps=4, logging_steps=1, group_by_length=False, **train)
     data["data"]["eval"] = []
+    if attn:
+        data["model"]["attn_implementation"] = attn
     if quantization:
         data["quantization"] = quantization
     finetune(load_recipe(write_recipe(data, f"{name}.yaml")))
@@ -177,3 +179,29 @@ def test_max_seq_len_for_answers_and_names_the_cheapest_change(cli):
     assert "train.offload_activations=true" in longest["next"]["set"]
     screen = cli("plan", str(REPO / "recipes" / "mistral-7b-qlora.yaml"), *QLORA_7B, "--max-seq-len-for", "12GiB")
     assert screen.exit_code == 0 and "longest sequence" in screen.stdout and "offload" in screen.stdout
+
+
+def test_packed_rows_get_no_mask_and_everything_else_sdpas_own():
+    import torch
+
+    from mistral_sov.data.packing import packed_rows_mask
+
+    assert packed_rows_mask(batch_size=2, q_length=64, kv_length=64) is None  # a training batch: rows by position
+    assert packed_rows_mask(batch_size=2, q_length=64, kv_length=64, local_size=128) is None
+    padded = torch.ones(2, 64, dtype=torch.bool)
+    padded[1, 50:] = False
+    for kwargs in ({"attention_mask": padded}, {"local_size": 32}):  # padding; a window shorter than the bin
+        mask = packed_rows_mask(batch_size=2, q_length=64, kv_length=64, **kwargs)
+        assert mask is not None and tuple(mask.shape[-2:]) == (64, 64)
+    assert packed_rows_mask(batch_size=1, q_length=1, kv_length=65, q_offset=64, kv_offset=0,
+                            allow_is_causal_skip=False) is not None  # a cached decoding step
+
+
+def test_rows_attention_from_the_recipe_trains_as_sdpa_and_plans_no_mask(tiny_model, tmp_path, write_recipe, cli):
+    """`model.attn_implementation: msov_packed_sdpa` (packed bins of several rows, no mask built) learns what the
+    block-diagonal SDPA mask learns; the plan counts no [seq, seq] mask for it."""
+    dense = _losses(tiny_model, tmp_path, "dense", write_recipe)
+    rows = _losses(tiny_model, tmp_path, "rows", write_recipe, attn="msov_packed_sdpa")
+    assert len(dense) == 4 and rows == pytest.approx(dense, rel=1e-5)
+    plans = {attn: _plan(cli, "--set", f"model.attn_implementation={attn}")[1] for attn in ("sdpa", "msov_packed_sdpa")}
+    assert plans["sdpa"]["memory"]["attention_mask"] > 0 and plans["msov_packed_sdpa"]["memory"]["attention_mask"] == 0

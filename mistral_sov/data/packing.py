@@ -115,18 +115,21 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, position_id
 
     The dense mask makes every kernel (the CPU flash kernel included) compute all `width`² query-key pairs of a
     bin, although only the rows' own causal triangles count: with short rows in a 1024-token bin that is most of
-    a small model's step. Without restarts (an unpacked batch, or generation with a cache) this is plain SDPA with
-    whatever mask transformers built, so padding and caches behave as with `sdpa`.
+    a small model's step. `packed_rows_mask` builds no mask at all for packed training batches, so attention
+    memory grows with the rows, not with the bin squared (on CUDA each row goes to SDPA's flash or
+    memory-efficient kernel). Whenever transformers did build a mask (padding, a cache, a sliding window shorter
+    than the bin), it is used as is: plain SDPA, as with `sdpa`.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
-    if position_ids is None or q_len != key.shape[2] or q_len != position_ids.shape[-1]:
+    if (attention_mask is not None or position_ids is None or q_len != key.shape[2]
+            or q_len != position_ids.shape[-1]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     spans = row_spans(position_ids.expand(query.shape[0], -1))
     if all(len(bin_spans) == 1 for bin_spans in spans):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     kwargs.pop("is_causal", None)
     out = []
     for b, bin_spans in enumerate(spans):
@@ -136,12 +139,25 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, position_id
     return torch.cat(out, dim=0), None
 
 
+def packed_rows_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                     attention_mask=None, local_size: int | None = None, **kwargs):
+    """No mask where `packed_sdpa_attention` needs none: a whole sequence with neither padding mask nor cache
+    offset (a training batch, packed or not), within any sliding window. Anything else gets SDPA's own mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if (attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0
+            and (local_size is None or q_length <= local_size)):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, attention_mask=attention_mask, local_size=local_size, **kwargs)
+
+
 def register_packed_attention() -> str:
-    """Make `PACKED_ATTENTION` a name transformers accepts as `attn_implementation` (its masks are SDPA's);
-    returns the name. Idempotent."""
+    """Make `PACKED_ATTENTION` a name transformers accepts as `attn_implementation`; returns the name.
+    Idempotent."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_rows_mask)
     return PACKED_ATTENTION

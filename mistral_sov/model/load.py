@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.packing import PACKED_ATTENTION, register_packed_attention
 from ..errors import DataError, EnvironmentRefused, InputError, ModelFolderError
 from ..guard.local import require_local_model
 from ..recipe import LoraSection, ModelSection, QuantizationSection
@@ -242,6 +243,8 @@ def load_model(folder: ModelFolder, section: ModelSection, *, quantization: Quan
     if quantization:
         check_quantization(quantization)
     dtype = quantization.compute_dtype if quantization else section.dtype
+    if section.attn_implementation == PACKED_ATTENTION:
+        register_packed_attention()  # transformers knows only its own names until then
     model = AutoModelForCausalLM.from_pretrained(
         folder.path,
         dtype=getattr(torch, dtype),

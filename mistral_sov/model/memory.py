@@ -12,7 +12,7 @@ LoRA is attached there (PEFT counts the trainable parameters exactly), and memor
                train.offload_activations) plus one layer's recompute, its dense MLP in train.mlp_chunk tokens.
   logits       the LM head and loss for train.loss_chunk supervised positions at a time.
   mask         the dense block-diagonal mask SDPA and eager attention get for packed rows (flash attention
-               takes the rows flattened and needs none).
+               takes the rows flattened, msov_packed_sdpa runs SDPA row by row: neither needs one).
 
 The figure is the peak of tensors allocated during a training step at batch_size x max_seq_len tokens (rows
 padded or packed to the full length: the worst case). The verdict adds the CUDA context and allocator slack.
@@ -279,13 +279,19 @@ def _activation_bytes(shapes: Shapes, recipe: Recipe) -> dict:
         workspace += 2 * shapes.largest_linear * _DTYPE_BYTES[_compute_dtype(recipe)]
     # SDPA and eager attention get a boolean [seq, seq] mask per row (block-diagonal for packed rows, causal for
     # padded ones), kept for the recompute, and SDPA's additive copy of it in the compute dtype while a layer's
-    # attention runs. Flash attention takes packed rows flattened (cu_seqlens) and needs none.
+    # attention runs. Flash attention takes packed rows flattened (cu_seqlens) and msov_packed_sdpa runs SDPA row
+    # by row: neither needs one.
     mask = 0
-    if not (recipe.model.attn_implementation or "").startswith("flash"):
+    if _builds_mask(recipe):
         mask = train.batch_size * train.max_seq_len ** 2 * (1 + _DTYPE_BYTES[_compute_dtype(recipe)])
     return {"with": int(with_ckpt), "without": int(without), "logits": int(logits), "workspace": int(workspace),
             "loss_hidden": int(loss_hidden), "recompute": int(recompute),
             "mask": int(mask), "offloaded": int(inputs - on_device)}
+
+
+def _builds_mask(recipe: Recipe) -> bool:
+    attn = recipe.model.attn_implementation or ""
+    return not (attn.startswith("flash") or attn == "msov_packed_sdpa")
 
 
 def _compute_dtype(recipe: Recipe) -> str:
@@ -427,9 +433,9 @@ def _longer_options(recipe: Recipe) -> list[tuple[str, list[str]]]:
     if not t.offload_activations:
         out.append(("offload checkpointed activations to CPU memory (same result, transfers overlapped on CUDA)",
                     ["train.gradient_checkpointing=true", "train.offload_activations=true"]))
-    if not (recipe.model.attn_implementation or "").startswith("flash"):
-        out.append(("flash attention: packed rows flattened, no [seq, seq] mask (needs flash-attn and a CUDA GPU)",
-                    ["model.attn_implementation=flash_attention_2"]))
+    if _builds_mask(recipe):
+        out.append(("attention row by row in packed bins, no [seq, seq] mask (same result, no extra package)",
+                    ["model.attn_implementation=msov_packed_sdpa"]))
     if t.batch_size > 1:
         out.append((f"batch_size 1, grad_accum {t.grad_accum * t.batch_size} (same effective batch)",
                     ["train.batch_size=1", f"train.grad_accum={t.grad_accum * t.batch_size}"]))
