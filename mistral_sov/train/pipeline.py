@@ -69,7 +69,7 @@ def prepare_inputs(recipe: Recipe, on_event: EventSink = no_events, *, need_weig
                                trust_remote_code=recipe.model.trust_remote_code, of_record=recipe.data.tokenizer)
     start_adapter = None
     if recipe.model.adapter:
-        from ..model.load import inspect_start_adapter
+        from ..model.start_adapter import inspect_start_adapter
 
         start_adapter = inspect_start_adapter(recipe.model.adapter, recipe.lora, architecture=folder.architecture)
 

@@ -206,7 +206,7 @@ def record_inputs(target: Target, base_model: Path, data_files: list, *, main: b
     """Hash the base model's files (and the start adapter's, model.adapter) and record them with the data files'
     digests in inputs.json, or, when resuming, check they are the ones recorded. Returns the base model's and the
     start adapter's {file name: sha256} ({} without one)."""
-    from ..model.load import START_ADAPTER_FILES
+    from ..model.start_adapter import START_ADAPTER_FILES
     from ..trust.hashing import digest_folder, hash_files
     from .ranks import all_ranks_agree
 
