@@ -93,3 +93,39 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+RUN_DRIVER = """
+import json, os, sys
+from mistral_sov.train.pipeline import finetune
+from mistral_sov.recipe import load_recipe
+summary = finetune(load_recipe(sys.argv[1]))
+with open(os.path.join(sys.argv[2], "rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
+    json.dump(summary.to_json(), f)
+"""
+
+
+def two_ranks_then_one(tmp_path: Path, ddp_recipe: Path, one_recipe: Path) -> tuple[dict, dict]:
+    """`ddp_recipe` trained by 2 ranks (torchrun, gloo), then `one_recipe` by one process: (rank 0's run record,
+    the single process's), after checking both ranks ended with the same adapter."""
+    import json
+    import os
+    import subprocess
+
+    launcher = torchrun()
+    reports = tmp_path / "reports"
+    reports.mkdir(exist_ok=True)
+    driver = tmp_path / "run_driver.py"
+    driver.write_text(RUN_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([launcher, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(free_port()), str(driver), str(ddp_recipe), str(reports)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = json.loads((reports / "rank0.json").read_text())
+    rank1 = json.loads((reports / "rank1.json").read_text())
+    assert rank1["trainable_sha256"] == rank0["parameters"]["trainable_sha256"]  # same adapter on both ranks
+    single = subprocess.run([sys.executable, str(driver), str(one_recipe), str(reports)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return rank0, json.loads((reports / "rank0.json").read_text())

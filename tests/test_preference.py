@@ -396,39 +396,16 @@ def test_dpo_with_a_4bit_base(tiny_model, tmp_path, write_recipe):
 def test_two_ranks_train_dpo_like_one_process(tiny_model, tmp_path):
     """DDP (torchrun, gloo, CPU): 2 ranks x 4 pairs learn as 1 process x 8; the reference pass runs through the
     DDP wrapper with the adapter off inside it, under no_grad (no gradient to synchronise)."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
-    from conftest import free_port, small_recipe, torchrun
+    from conftest import small_recipe, two_ranks_then_one
 
-    launcher = torchrun()
-    reports = tmp_path / "reports"
-    reports.mkdir()
-    (tmp_path / "driver.py").write_text(
-        "import json, os, sys\nfrom mistral_sov.train.pipeline import finetune\n"
-        "from mistral_sov.recipe import load_recipe\nsummary = finetune(load_recipe(sys.argv[1]))\n"
-        "with open(os.path.join(sys.argv[2], 'rank%s.json' % os.environ.get('RANK', '0')), 'w') as f:\n"
-        "    json.dump(summary.to_json(), f)\n")
     files = {"train": str(write_jsonl(tmp_path / "train.jsonl", preference_rows(48, 8))),
              "eval": str(write_jsonl(tmp_path / "eval.jsonl", preference_rows(16, 9)))}
     for name, batch in (("ddp", 4), ("one", 8)):
         data = small_recipe(tiny_model, tmp_path / "runs" / name, max_steps=6, batch_size=batch, method="dpo")
         data["data"] = files
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([launcher, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                           str(free_port()), str(tmp_path / "driver.py"), str(tmp_path / "ddp.yaml"), str(reports)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0 = json.loads((reports / "rank0.json").read_text())
-    rank1 = json.loads((reports / "rank1.json").read_text())
-    assert rank1["trainable_sha256"] == rank0["parameters"]["trainable_sha256"]
-    single = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "one.yaml"), str(reports)],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    one = json.loads((reports / "rank0.json").read_text())
+    rank0, one = two_ranks_then_one(tmp_path, tmp_path / "ddp.yaml", tmp_path / "one.yaml")
     assert rank0["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-3, abs=1e-5)
     assert rank0["eval"]["after"]["reward_margin"] == pytest.approx(one["eval"]["after"]["reward_margin"], rel=1e-3)
     assert rank0["eval"]["before"]["reward_margin"] == 0.0

@@ -292,38 +292,16 @@ def test_shipped_preference_recipes_parse_and_chain_onto_the_demo():
 def test_two_ranks_train_from_an_adapter_like_one_process(sft_run, tiny_model, tmp_path, method):
     """DDP (torchrun, gloo, CPU): 2 ranks x 4 pairs learn as 1 process x 8, starting from the SFT adapter; for DPO
     the reference pass switches to the frozen reference adapter inside the DDP wrapper."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
-    from conftest import free_port, torchrun
+    from conftest import two_ranks_then_one
 
     _, root = sft_run
-    reports = tmp_path / "reports"
-    reports.mkdir()
-    (tmp_path / "driver.py").write_text(
-        "import json, os, sys\nfrom mistral_sov.train.pipeline import finetune\n"
-        "from mistral_sov.recipe import load_recipe\nsummary = finetune(load_recipe(sys.argv[1]))\n"
-        "with open(os.path.join(sys.argv[2], 'rank%s.json' % os.environ.get('RANK', '0')), 'w') as f:\n"
-        "    json.dump(summary.to_json(), f)\n")
     for name, batch in (("ddp", 4), ("one", 8)):
         data = sft_then_dpo_recipe(tiny_model, root, root / "sft" / "adapter", f"{tmp_path.name}-{name}",
                                    max_steps=4, batch_size=batch)
         data["train"]["method"] = method
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([torchrun(), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                           str(free_port()), str(tmp_path / "driver.py"), str(tmp_path / "ddp.yaml"), str(reports)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0 = json.loads((reports / "rank0.json").read_text())
-    rank1 = json.loads((reports / "rank1.json").read_text())
-    assert rank1["trainable_sha256"] == rank0["parameters"]["trainable_sha256"]
-    single = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "one.yaml"), str(reports)],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    one = json.loads((reports / "rank0.json").read_text())
+    rank0, one = two_ranks_then_one(tmp_path, tmp_path / "ddp.yaml", tmp_path / "one.yaml")
     assert rank0["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-3, abs=1e-5)
     assert rank0["eval"]["after"]["reward_margin"] == pytest.approx(one["eval"]["after"]["reward_margin"], rel=1e-3)
     if method == "dpo":
